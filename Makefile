@@ -1,0 +1,62 @@
+# vae-serve: train and export a VAE, serve it over gRPC on ONNX Runtime.
+# `make serve` and `make test` are all a newcomer needs; the rest are named as a reader guesses.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+MODEL_REPO ?= models
+MODEL_NAME ?= mnist-vae
+RUN_DIR ?= runs/default
+MNIST ?= ../shared/data/mnist
+
+# Large gRPC payloads: keep glibc from mmap-ing (and page-faulting) every ~1 MB reply.
+export MALLOC_MMAP_THRESHOLD_ ?= 33554432
+export MALLOC_TRIM_THRESHOLD_ ?= 134217728
+
+.PHONY: install proto model serve test lint format bench-quality clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[train,dev]'
+	touch $@
+
+proto: install
+	PATH=$(BIN):$$PATH $(PY) -m grpc_tools.protoc -Iservice/proto=proto \
+		--python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. proto/vae/v1/vae.proto
+
+# Train and export the default model, unless the repository already holds a version of it.
+model: install
+	@if ls $(MODEL_REPO)/$(MODEL_NAME)/*/manifest.json >/dev/null 2>&1; then \
+		echo "$(MODEL_REPO)/$(MODEL_NAME) already has a model version; 'make clean-models' to retrain"; \
+	else \
+		$(BIN)/vae-train --out $(RUN_DIR) && \
+		$(BIN)/vae-export --checkpoint $(RUN_DIR)/best.pt --model-repo $(MODEL_REPO) --name $(MODEL_NAME); \
+	fi
+
+serve: model
+	$(BIN)/vae-serve --model-repo $(MODEL_REPO) --model-name $(MODEL_NAME)
+
+test: model
+	$(PY) -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy export service tests
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+# Quality on the full MNIST (not a test; about an hour on 2 cores).
+bench-quality: install
+	$(BIN)/vae-train --data-dir $(MNIST) --out runs/mnist-full
+	$(BIN)/vae-evaluate --checkpoint runs/mnist-full/best.pt --data-dir $(MNIST) --k 5000 \
+		--out bench/results/quality.json
+
+clean-models:
+	rm -rf $(MODEL_REPO)/$(MODEL_NAME) $(RUN_DIR)

@@ -1,0 +1,172 @@
+"""Export a trained VAE's encoder and decoder to ONNX as one verified model version.
+
+The graphs are deterministic: the encoder returns (mean, log_variance) and the decoder logits;
+sampling with eps happens in the service, seeded, so results are reproducible.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from export.manifest import (
+    Manifest,
+    ModelError,
+    NetworkFile,
+    TensorSpec,
+    list_versions,
+    load_verified,
+    sha256_of,
+)
+from export.model import IMAGE_SHAPE, IMAGE_SIZE, VAE
+
+OPSET = 17
+PARITY_TOLERANCE = 1e-4
+PARITY_BATCH_SIZES = (1, 257)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _export_network(
+    net: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str, output_names: list[str]
+) -> None:
+    torch.onnx.export(
+        net,
+        (example,),
+        str(path),
+        input_names=[input_name],
+        output_names=output_names,
+        dynamic_axes={input_name: {0: "N"}, **{name: {0: "N"} for name in output_names}},
+        opset_version=OPSET,
+        dynamo=False,
+    )
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+
+
+def _max_parity_error(
+    net: torch.nn.Module, path: Path, inputs: torch.Tensor, input_name: str
+) -> float:
+    """Largest |PyTorch - ONNX Runtime (CPU)| over all outputs, at every parity batch size."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for n in PARITY_BATCH_SIZES:
+        batch = inputs[:n]
+        if batch.shape[0] != n:
+            raise ValueError(f"parity needs at least {n} inputs, got {inputs.shape[0]}")
+        with torch.no_grad():
+            expected = net(batch)
+        expected_list = list(expected) if isinstance(expected, tuple) else [expected]
+        actual = session.run(None, {input_name: batch.numpy()})
+        for e, a in zip(expected_list, actual, strict=True):
+            worst = max(worst, float(np.abs(e.numpy() - a).max()))
+    return worst
+
+
+def export_version(
+    model: VAE,
+    repo: Path,
+    name: str,
+    *,
+    version: int | None = None,
+    parity_images: torch.Tensor | None = None,
+    training: dict[str, Any] | None = None,
+    metrics: dict[str, float] | None = None,
+) -> Path:
+    """Write `<repo>/<name>/<version>/` (the next free version if None) and return it.
+
+    Parity between PyTorch and ONNX Runtime is checked on `parity_images` (real images, at
+    least 257; random ones if None) and on random latents; the export fails above 1e-4. The
+    version directory appears atomically (written beside it, then renamed), so a server watching
+    the repository never sees half a version.
+    """
+    model = model.eval()
+    latent = model.config.latent_size
+    model_dir = repo / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    if version is None:
+        version = (list_versions(model_dir) or [0])[-1] + 1
+    final = model_dir / str(version)
+    if final.exists():
+        raise ModelError(f"{final} already exists; choose another --version")
+
+    generator = torch.Generator().manual_seed(0)
+    n = max(PARITY_BATCH_SIZES)
+    images = (
+        parity_images[:n].float()
+        if parity_images is not None
+        else torch.rand((n, IMAGE_SIZE), generator=generator)
+    )
+    latents = torch.randn((n, latent), generator=generator)
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=model_dir))
+    try:
+        _export_network(model.encoder, images[:2], staging / "encoder.onnx", "image",
+                        ["mean", "log_variance"])
+        _export_network(model.decoder, latents[:2], staging / "decoder.onnx", "latent",
+                        ["logits"])
+        parity = {
+            "encoder": _max_parity_error(model.encoder, staging / "encoder.onnx", images, "image"),
+            "decoder": _max_parity_error(model.decoder, staging / "decoder.onnx", latents, "latent"),
+        }
+        for role, err in parity.items():
+            if not err <= PARITY_TOLERANCE:
+                raise ModelError(
+                    f"{role}: PyTorch and ONNX Runtime differ by {err:.3g} > {PARITY_TOLERANCE}"
+                )
+
+        def spec(tensor_name: str, width: int) -> TensorSpec:
+            return TensorSpec(name=tensor_name, dtype="float32", shape=["N", width])
+
+        manifest = Manifest(
+            name=name,
+            version=version,
+            latent_size=latent,
+            image_shape=list(IMAGE_SHAPE),
+            opset=OPSET,
+            encoder=NetworkFile(
+                path="encoder.onnx",
+                sha256=sha256_of(staging / "encoder.onnx"),
+                inputs=[spec("image", IMAGE_SIZE)],
+                outputs=[spec("mean", latent), spec("log_variance", latent)],
+            ),
+            decoder=NetworkFile(
+                path="decoder.onnx",
+                sha256=sha256_of(staging / "decoder.onnx"),
+                inputs=[spec("latent", latent)],
+                outputs=[spec("logits", IMAGE_SIZE)],
+            ),
+            config=model.config.to_dict(),
+            parity=parity,
+            training=training or {},
+            metrics=metrics or {},
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            git_commit=git_commit(),
+        )
+        manifest.write(staging)
+        staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    load_verified(final)
+    return final

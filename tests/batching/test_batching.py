@@ -1,0 +1,310 @@
+"""The dynamic batcher: same results as unbatched runs, merging, splitting, limits, drops."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from service.batching import Batcher
+from service.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+
+
+def run_async(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    """Run an async test body in a fresh event loop (no pytest-asyncio needed)."""
+
+    @functools.wraps(test)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(asyncio.wait_for(test(*args, **kwargs), timeout=30))
+
+    return wrapper
+
+
+class Recorder:
+    """Observer that keeps what it was told."""
+
+    def __init__(self) -> None:
+        self.runs: list[int] = []
+        self.waits: list[float] = []
+        self.depths: list[int] = []
+
+    def observe_run(self, rows: int) -> None:
+        self.runs.append(rows)
+
+    def observe_queue_wait(self, seconds: float) -> None:
+        self.waits.append(seconds)
+
+    def set_queue_depth(self, rows: int) -> None:
+        self.depths.append(rows)
+
+
+class NumpyNet:
+    """A deterministic two-output "network" that records every batch and can be held shut."""
+
+    def __init__(self, gated: bool = False) -> None:
+        self.batches: list[np.ndarray] = []
+        self.gate = threading.Event()
+        self.started = threading.Event()
+        if not gated:
+            self.gate.set()
+
+    def __call__(self, rows: np.ndarray) -> list[np.ndarray]:
+        self.batches.append(rows.copy())
+        self.started.set()
+        assert self.gate.wait(10)
+        return [rows * 2.0 + 1.0, rows.sum(axis=1)]
+
+    @staticmethod
+    def expected(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return rows * 2.0 + 1.0, rows.sum(axis=1)
+
+    def computed_values(self) -> set[float]:
+        return {float(v) for batch in self.batches for v in batch[:, 0]}
+
+    async def wait_started(self) -> None:
+        assert await asyncio.to_thread(self.started.wait, 10)
+
+
+def numbered(start: int, n: int) -> np.ndarray:
+    """Rows whose first column is a distinct id, so a test can tell which rows were run."""
+    rows = np.zeros((n, 3), np.float32)
+    rows[:, 0] = np.arange(start, start + n)
+    return rows
+
+
+LATENT = 4  # the tiny decoder's latent size (conftest)
+
+
+def make(net: Callable[[np.ndarray], Any], executor: ThreadPoolExecutor, **kw: Any) -> Batcher:
+    settings: dict[str, Any] = dict(max_batch_size=64, max_queue_delay=0.005, max_queue_rows=4096)
+    settings.update(kw)
+    return Batcher(net, executor, **settings)
+
+
+@run_async
+async def test_batched_results_equal_unbatched_onnx_runtime(
+    decoder_session: ort.InferenceSession, executor: ThreadPoolExecutor, rng: np.random.Generator
+) -> None:
+    def decode(latents: np.ndarray) -> list[np.ndarray]:
+        return decoder_session.run(None, {"latent": latents})  # type: ignore[no-any-return]
+
+    recorder = Recorder()
+    batcher = make(
+        decode, executor, max_concurrent_runs=2, max_queue_rows=10_000, observer=recorder
+    )
+    requests = [
+        rng.standard_normal((int(n), LATENT), dtype=np.float32)
+        for n in rng.integers(1, 100, size=80)
+    ]
+    results = await asyncio.gather(*(batcher.submit(r) for r in requests))
+    for latents, (logits,) in zip(requests, results, strict=True):
+        (alone,) = decode(latents)
+        assert logits.shape == (latents.shape[0], 784)
+        np.testing.assert_array_equal(logits, alone)
+    assert len(recorder.runs) < len(requests)  # several requests per run
+    assert max(recorder.runs) <= 64
+    assert sum(recorder.runs) == sum(r.shape[0] for r in requests)
+    await batcher.close()
+
+
+@run_async
+async def test_concurrent_single_rows_share_runs(executor: ThreadPoolExecutor) -> None:
+    net, recorder = NumpyNet(), Recorder()
+    batcher = make(net, executor, max_batch_size=32, max_queue_delay=0.2, observer=recorder)
+    rows = [numbered(i, 1) for i in range(32)]
+    started = time.monotonic()
+    results = await asyncio.gather(*(batcher.submit(r) for r in rows))
+    assert time.monotonic() - started < 0.2  # a full batch does not wait out the delay
+    assert recorder.runs == [32]
+    for r, (doubled, total) in zip(rows, results, strict=True):
+        np.testing.assert_array_equal(doubled, NumpyNet.expected(r)[0])
+        np.testing.assert_array_equal(total, NumpyNet.expected(r)[1])
+    assert len(recorder.waits) == 32
+    assert recorder.depths[-1] == 0
+
+
+@run_async
+async def test_delay_bounds_the_wait_for_a_partial_batch(executor: ThreadPoolExecutor) -> None:
+    recorder = Recorder()
+    batcher = make(NumpyNet(), executor, max_queue_delay=0.05, observer=recorder)
+    started = time.monotonic()
+    await asyncio.gather(*(batcher.submit(numbered(i, 1)) for i in range(3)))
+    elapsed = time.monotonic() - started
+    assert 0.04 < elapsed < 1.0
+    assert recorder.runs == [3]
+
+
+@run_async
+async def test_oversize_request_split_and_reassembled_in_order(
+    executor: ThreadPoolExecutor,
+) -> None:
+    net, recorder = NumpyNet(), Recorder()
+    batcher = make(net, executor, max_batch_size=8, max_concurrent_runs=2, observer=recorder)
+    big, small = numbered(0, 30), numbered(100, 3)
+    (doubled, total), (small_doubled, _) = await asyncio.gather(
+        batcher.submit(big), batcher.submit(small)
+    )
+    np.testing.assert_array_equal(doubled, NumpyNet.expected(big)[0])
+    np.testing.assert_array_equal(total, NumpyNet.expected(big)[1])
+    np.testing.assert_array_equal(small_doubled, NumpyNet.expected(small)[0])
+    assert recorder.runs == [8, 8, 8, 8, 1]  # the last chunk of 6 shared a run with 2 small rows
+    assert all(len(b) <= 8 for b in net.batches)
+
+
+@run_async
+async def test_full_queue_answers_resource_exhausted_at_once(executor: ThreadPoolExecutor) -> None:
+    net = NumpyNet(gated=True)
+    batcher = make(net, executor, max_queue_delay=0, max_queue_rows=10, name="decoder")
+    running = asyncio.create_task(batcher.submit(numbered(0, 4)))
+    await net.wait_started()  # the one run slot is busy: later rows stay queued
+    queued = asyncio.create_task(batcher.submit(numbered(10, 10)))
+    await asyncio.sleep(0)
+    assert batcher.queued_rows == 10
+    started = time.monotonic()
+    with pytest.raises(ResourceExhausted, match="max_queue_rows 10") as info:
+        await batcher.submit(numbered(50, 1))
+    assert time.monotonic() - started < 0.05
+    assert "decoder" in str(info.value)
+    net.gate.set()
+    await asyncio.gather(running, queued)
+    assert 50.0 not in net.computed_values()
+
+
+@run_async
+async def test_expired_deadline_is_never_computed(executor: ThreadPoolExecutor) -> None:
+    net = NumpyNet(gated=True)
+    batcher = make(net, executor, max_queue_delay=0)
+    with pytest.raises(DeadlineExceeded):
+        await batcher.submit(numbered(0, 1), deadline=time.monotonic() - 1)
+
+    running = asyncio.create_task(batcher.submit(numbered(1, 1)))
+    await net.wait_started()
+    late = asyncio.create_task(batcher.submit(numbered(2, 2), deadline=time.monotonic() + 0.05))
+    on_time = asyncio.create_task(batcher.submit(numbered(4, 1), deadline=time.monotonic() + 10))
+    await asyncio.sleep(0.1)
+    net.gate.set()
+    with pytest.raises(DeadlineExceeded):
+        await late
+    await running
+    (doubled, _) = await on_time
+    np.testing.assert_array_equal(doubled, NumpyNet.expected(numbered(4, 1))[0])
+    assert net.computed_values() == {1.0, 4.0}
+    assert batcher.queued_rows == 0
+
+
+@run_async
+async def test_cancelled_request_is_never_computed(executor: ThreadPoolExecutor) -> None:
+    net, recorder = NumpyNet(gated=True), Recorder()
+    batcher = make(net, executor, max_queue_delay=0, observer=recorder)
+    running = asyncio.create_task(batcher.submit(numbered(0, 1)))
+    await net.wait_started()
+    doomed = asyncio.create_task(batcher.submit(numbered(10, 5)))
+    kept = asyncio.create_task(batcher.submit(numbered(20, 2)))
+    await asyncio.sleep(0)
+    assert batcher.queued_rows == 7
+    doomed.cancel()
+    await asyncio.sleep(0)
+    assert batcher.queued_rows == 2  # the cancelled rows left the queue at once
+    assert recorder.depths[-1] == 2
+    net.gate.set()
+    await running
+    (doubled, _) = await kept
+    np.testing.assert_array_equal(doubled, NumpyNet.expected(numbered(20, 2))[0])
+    assert doomed.cancelled()
+    assert not net.computed_values() & set(range(10, 15))
+
+
+@run_async
+async def test_request_cancelled_half_computed_does_not_disturb_others(
+    executor: ThreadPoolExecutor,
+) -> None:
+    net = NumpyNet(gated=True)
+    batcher = make(net, executor, max_batch_size=4, max_queue_delay=0)
+    split = asyncio.create_task(batcher.submit(numbered(0, 12)))
+    await net.wait_started()  # rows 0-3 are in a run; 4-11 queued
+    other = asyncio.create_task(batcher.submit(numbered(100, 3)))
+    await asyncio.sleep(0)
+    split.cancel()
+    await asyncio.sleep(0)
+    assert batcher.queued_rows == 3
+    net.gate.set()
+    (doubled, total) = await other
+    np.testing.assert_array_equal(doubled, NumpyNet.expected(numbered(100, 3))[0])
+    np.testing.assert_array_equal(total, NumpyNet.expected(numbered(100, 3))[1])
+    assert net.computed_values() == {0.0, 1.0, 2.0, 3.0, 100.0, 101.0, 102.0}
+
+
+@run_async
+async def test_run_failure_reaches_its_callers_only(executor: ThreadPoolExecutor) -> None:
+    def fragile(rows: np.ndarray) -> list[np.ndarray]:
+        if (rows[:, 0] < 0).any():
+            raise RuntimeError("bad batch")
+        return list(NumpyNet.expected(rows))
+
+    batcher = make(fragile, executor, max_queue_delay=0.05)
+    bad = numbered(0, 2)
+    bad[1, 0] = -1
+    outcomes = await asyncio.gather(
+        batcher.submit(bad), batcher.submit(numbered(5, 1)), return_exceptions=True
+    )
+    assert all(isinstance(o, RuntimeError) for o in outcomes)  # they shared the failed run
+    (doubled, _) = await batcher.submit(numbered(7, 1))  # the batcher still works
+    np.testing.assert_array_equal(doubled, NumpyNet.expected(numbered(7, 1))[0])
+
+
+@run_async
+async def test_pass_through_mode_runs_each_request_alone(
+    decoder_session: ort.InferenceSession, executor: ThreadPoolExecutor, rng: np.random.Generator
+) -> None:
+    def decode(latents: np.ndarray) -> list[np.ndarray]:
+        return decoder_session.run(None, {"latent": latents})  # type: ignore[no-any-return]
+
+    recorder = Recorder()
+    batcher = make(decode, executor, enabled=False, max_batch_size=4, observer=recorder)
+    requests = [rng.standard_normal((int(n), LATENT), dtype=np.float32) for n in (1, 9, 3, 30)]
+    results = await asyncio.gather(*(batcher.submit(r) for r in requests))
+    for latents, (logits,) in zip(requests, results, strict=True):
+        np.testing.assert_array_equal(logits, decode(latents)[0])
+    assert sorted(recorder.runs) == [1, 3, 9, 30]  # one run per request, never split
+    assert len(recorder.waits) == 4
+    assert recorder.depths[-1] == 0
+    with pytest.raises(DeadlineExceeded):
+        await batcher.submit(requests[0], deadline=time.monotonic() - 1)
+    await batcher.close()
+    with pytest.raises(Unavailable):
+        await batcher.submit(requests[0])
+
+
+@run_async
+async def test_close_finishes_queued_work_then_refuses(executor: ThreadPoolExecutor) -> None:
+    net = NumpyNet(gated=True)
+    batcher = make(net, executor, max_batch_size=4, max_queue_delay=10.0)
+    tasks = [asyncio.create_task(batcher.submit(numbered(i * 10, 3))) for i in range(5)]
+    await asyncio.sleep(0)
+    closing = asyncio.create_task(batcher.close())
+    await asyncio.sleep(0)
+    with pytest.raises(Unavailable, match="shutting down"):
+        await batcher.submit(numbered(99, 1))
+    net.gate.set()
+    await closing  # does not wait out the 10 s delay
+    for i, task in enumerate(tasks):
+        assert task.done()
+        np.testing.assert_array_equal(task.result()[0], NumpyNet.expected(numbered(i * 10, 3))[0])
+
+
+@run_async
+async def test_rows_of_another_shape_are_refused(executor: ThreadPoolExecutor) -> None:
+    batcher = make(NumpyNet(), executor)
+    await batcher.submit(numbered(0, 1))
+    with pytest.raises(ValueError, match="expected"):
+        await batcher.submit(np.zeros((1, 5), np.float32))
+    with pytest.raises(ValueError, match="N >= 1"):
+        await batcher.submit(np.zeros((0, 3), np.float32))

@@ -40,32 +40,36 @@ class Settings(BaseSettings):
     model_repo: Path = Path("models")
     """Model repository laid out as <repo>/<model-name>/<version>/."""
     model_name: str = "mnist-vae"
-    """Which model of the repository to serve."""
+    """Which model of the repository to serve (flag also --model)."""
     model_version: int | None = None
-    """Which version to serve; the highest number present if unset."""
+    """Which version to serve; the highest number present if unset (flag also --version)."""
 
     host: str = "[::]"
     """Address the gRPC server binds."""
-    port: int = DEFAULT_PORT
+    port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
     """gRPC port; 0 picks a free one (the bound port is logged)."""
-    metrics_port: int = DEFAULT_METRICS_PORT
+    metrics_port: int = Field(default=DEFAULT_METRICS_PORT, ge=-1, le=65535)
     """Prometheus /metrics port; 0 picks a free one, -1 turns the endpoint off."""
+    metrics_host: str = "0.0.0.0"
+    """Address the /metrics HTTP server binds."""
 
     provider: Literal["auto", "cuda", "cpu"] = "auto"
     """ONNX Runtime execution provider: auto (CUDA if usable, else CPU with a warning)."""
-    intra_op_threads: int = 1
+    intra_op_threads: int = Field(default=1, ge=1)
     """ONNX Runtime threads per inference run (1: parallelism comes from inference_workers)."""
-    inference_workers: int = Field(default_factory=usable_cpus)
+    inference_workers: int = Field(default_factory=usable_cpus, ge=1)
     """Threads running inference off the event loop; defaults to the CPUs this process may use."""
 
-    max_items_per_request: int = 4096
+    max_items_per_request: int = Field(default=4096, ge=1)
     """Largest count / batch N one request may ask for."""
-    max_message_bytes: int = 64 * 1024 * 1024
+    max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=4 * 1024 * 1024)
     """gRPC max send/receive message size; fits the largest request and reply."""
 
-    grace_period: float = 10.0
+    grace_period: float = Field(default=10.0, ge=0)
     """Seconds in-flight calls get to finish after SIGTERM/SIGINT."""
     max_connection_age: float = 300.0
-    """Seconds before the server asks a client to reconnect (rebalances after scale-out)."""
+    """Seconds before the server asks a client to reconnect (rebalances after scale-out);
+    0 turns it off."""
 
     log_level: str = "INFO"
+    """Python logging level: DEBUG, INFO, WARNING, ERROR."""

@@ -1,0 +1,56 @@
+"""vae-serve: settings from `VAE_*` environment variables and CLI flags, logging, then serve.
+
+A model that is missing, tampered with or inconsistent, a provider that cannot run, or a port
+that is taken ends the process with exit code 1 and a one-line reason, not a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from pydantic_settings import CliApp, CliSettingsSource
+
+from export.manifest import ModelError
+from service.runtime import ProviderError
+from service.server import StartupError, serve
+from service.settings import Settings
+
+log = logging.getLogger("vae-serve")
+
+# Short flags the issue names, mapped to the settings' own (kebab-case) flags.
+FLAG_ALIASES = {"--model": "--model-name", "--version": "--model-version"}
+
+
+def _expand_aliases(argv: Sequence[str]) -> list[str]:
+    out = []
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        out.append(FLAG_ALIASES.get(flag, flag) + eq + value)
+    return out
+
+
+def parse_settings(argv: Sequence[str]) -> Settings:
+    source: CliSettingsSource[Settings] = CliSettingsSource(Settings, cli_prog_name="vae-serve")
+    return CliApp.run(Settings, cli_args=_expand_aliases(argv), cli_settings_source=source)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = parse_settings(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    log.info("settings: %s", settings.model_dump_json())
+    try:
+        asyncio.run(serve(settings))
+    except (ModelError, ProviderError, StartupError) as e:
+        log.error("cannot start: %s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""vae-client: talk to a running vae-serve from the shell.
+
+vae-client info
+vae-client sample -n 64 --seed 1 --out samples.png     # a PNG grid; no --out: ASCII preview
+vae-client encode digit.png [more.png ...] [--out latents.npy]
+vae-client decode latents.npy --out decoded.png        # or: decode --z 0.1,-1,0.5,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+import numpy as np
+from PIL import Image
+
+from service.client import DEFAULT_TIMEOUT, FORMATS, Images, VaeClient
+
+ASCII_RAMP = " .:-=+*#%@"
+
+
+def grid(images: np.ndarray, columns: int | None = None, padding: int = 2) -> np.ndarray:
+    """uint8 [N, H, W] -> one uint8 image with the N tiles in rows, `padding` black pixels apart."""
+    n, h, w = images.shape
+    cols = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    out = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding), np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, cols)
+        y, x = padding + r * (h + padding), padding + c * (w + padding)
+        out[y : y + h, x : x + w] = image
+    return out
+
+
+def write_grid(images: np.ndarray, path: Path, columns: int | None = None) -> tuple[int, int]:
+    """Save the images as one PNG grid; returns its (width, height) in pixels."""
+    picture = Image.fromarray(grid(images, columns), mode="L")
+    picture.save(path, format="PNG")
+    return picture.size
+
+
+def ascii_art(image: np.ndarray) -> str:
+    levels = (image.astype(np.uint16) * len(ASCII_RAMP) // 256).tolist()
+    return "\n".join("".join(ASCII_RAMP[v] * 2 for v in row) for row in levels)
+
+
+def grey(images: np.ndarray | list[bytes], image_format: str) -> np.ndarray:
+    """A tensor format the server returns, as uint8 grey images (binary 0/1 -> 0/255)."""
+    array = np.asarray(images)
+    if image_format == "probabilities":
+        return np.rint(array * 255).astype(np.uint8)
+    if image_format == "binary":
+        return array * np.uint8(255)
+    return array
+
+
+def show(result: Images, args: argparse.Namespace, what: str) -> None:
+    images = grey(result.images, args.format)
+    out, columns = args.out, args.columns
+    seed = f" (seed {result.seed})"
+    if out is not None:
+        width, height = write_grid(images, out, columns)
+        print(f"{what}: {len(images)} images{seed} -> {out} ({width}x{height} px grid)")
+        return
+    print(f"{what}: {len(images)} images{seed}; the first {min(len(images), 3)}:")
+    for image in images[:3]:
+        print(ascii_art(image) + "\n")
+
+
+def cmd_info(vae: VaeClient, args: argparse.Namespace) -> None:
+    info = vae.info()
+    print(f"model        {info.name} version {info.version}")
+    print(f"latent size  {info.latent_size}")
+    print(f"image shape  {'x'.join(map(str, info.image_shape))}")
+    print(f"providers    {', '.join(info.providers)}")
+    print(f"max items    {info.max_items_per_request} per request")
+    for name, value in sorted(info.metrics.items()):
+        print(f"metric       {name} = {value:.4g}")
+
+
+def cmd_sample(vae: VaeClient, args: argparse.Namespace) -> None:
+    result = vae.sample(
+        args.n, seed=args.seed, temperature=args.temperature, image_format=args.format
+    )
+    show(result, args, "sampled")
+
+
+def cmd_encode(vae: VaeClient, args: argparse.Namespace) -> None:
+    files = [Path(p).read_bytes() for p in args.images]
+    result = vae.encode(files, samples_per_image=args.samples, seed=args.seed)
+    sigma = np.exp(result.log_variance / 2)
+    with np.printoptions(precision=3, suppress=True, linewidth=200):
+        for i, name in enumerate(args.images):
+            print(f"{name}\n  mean  {result.mean[i]}\n  sigma {sigma[i]}")
+            if result.samples is not None:
+                print(f"  {args.samples} samples of z (seed {result.seed}):\n{result.samples[i]}")
+    if args.out is not None:
+        np.save(args.out, result.mean)
+        print(f"means [{len(files)}, {result.mean.shape[1]}] -> {args.out}")
+
+
+def cmd_decode(vae: VaeClient, args: argparse.Namespace) -> None:
+    rows = [np.atleast_2d(np.load(p)) for p in args.latents]
+    rows += [np.array([[float(v) for v in z.split(",")]]) for z in args.z]
+    if not rows:
+        raise SystemExit("decode: give latents as .npy files or --z v1,v2,...")
+    latents = np.concatenate(rows).astype(np.float32)
+    result = vae.decode(latents, image_format=args.format, seed=args.seed)
+    show(result, args, "decoded")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vae-client", description="Call a running vae-serve.")
+    p.add_argument(
+        "--target",
+        default=os.environ.get("VAE_TARGET", "localhost:50051"),
+        help="server address, e.g. localhost:50051 or dns:///vae:50051 (env VAE_TARGET)",
+    )
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="deadline in seconds")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("info", help="what the server serves").set_defaults(run=cmd_info)
+
+    tensor_formats = [f for f in FORMATS if f != "png"]
+    s = sub.add_parser("sample", help="new images from the prior")
+    s.add_argument("-n", type=int, default=16, help="how many images")
+    s.add_argument("--seed", type=int, help="seed (the server picks one if unset)")
+    s.add_argument("--temperature", type=float, help="scales the prior's std (default 1)")
+    s.add_argument("--format", choices=tensor_formats, default="uint8")
+    s.add_argument("--out", type=Path, help="write a PNG grid here (else an ASCII preview)")
+    s.add_argument("--columns", type=int, help="grid columns (default: square)")
+    s.set_defaults(run=cmd_sample)
+
+    e = sub.add_parser("encode", help="latent mean and sigma of 28x28 PNG images")
+    e.add_argument("images", nargs="+", help="PNG files")
+    e.add_argument("--samples", type=int, default=0, help="draws of z per image")
+    e.add_argument("--seed", type=int)
+    e.add_argument("--out", type=Path, help="save the means as .npy (for decode)")
+    e.set_defaults(run=cmd_encode)
+
+    d = sub.add_parser("decode", help="images from latents")
+    d.add_argument("latents", nargs="*", help=".npy files of [N, latent] or [latent]")
+    d.add_argument("--z", action="append", default=[], help="one latent as v1,v2,... (repeatable)")
+    d.add_argument("--format", choices=tensor_formats, default="uint8")
+    d.add_argument("--seed", type=int, help="seed for --format binary")
+    d.add_argument("--out", type=Path, help="write a PNG grid here (else an ASCII preview)")
+    d.add_argument("--columns", type=int)
+    d.set_defaults(run=cmd_decode)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    with VaeClient(args.target, timeout=args.timeout) as vae:
+        try:
+            args.run(vae, args)
+        except grpc.RpcError as e:
+            print(f"vae-client: {e.code().name}: {e.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""Proto <-> numpy, with strict validation: every bad input raises InvalidArgument naming the
+field and what was expected.
+
+Tensors are read as numpy views on the request's bytes (np.frombuffer: no copy); a float32
+image tensor goes to ONNX Runtime without ever being copied in Python.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from typing import TypeAlias, cast
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from service.errors import InvalidArgument
+from service.proto.vae.v1 import vae_pb2
+from service.runtime import ModelInfo
+from service.sampling import bernoulli, to_uint8
+
+IMAGE_SHAPE = (28, 28)
+IMAGE_SIZE = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
+
+DTYPES: dict[int, np.dtype] = {
+    vae_pb2.DATA_TYPE_FLOAT32: np.dtype("<f4"),
+    vae_pb2.DATA_TYPE_UINT8: np.dtype("u1"),
+}
+FORMATS = frozenset(vae_pb2.ImageFormat.values())
+ImageFormat: TypeAlias = vae_pb2.ImageFormat.ValueType
+
+
+# Requests -> numpy
+
+
+def tensor_array(tensor: vae_pb2.Tensor, field: str, *, limit: int) -> np.ndarray:
+    """A read-only view of the tensor's bytes with its shape, after checking dtype, shape
+    (1 <= N <= limit, no negative dimensions) and byte length."""
+    dtype = DTYPES.get(tensor.dtype)
+    if dtype is None:
+        got = _enum_name(vae_pb2.DataType, tensor.dtype)
+        raise InvalidArgument(
+            f"{field}.dtype", f"expected DATA_TYPE_FLOAT32 or DATA_TYPE_UINT8, got {got}"
+        )
+    shape = list(tensor.shape)
+    if not shape or any(d < 0 for d in shape):
+        raise InvalidArgument(
+            f"{field}.shape", f"expected [N, ...] of non-negative sizes, got {shape}"
+        )
+    if shape[0] == 0:
+        raise InvalidArgument(f"{field}.shape", "empty batch: expected at least one row (N >= 1)")
+    if shape[0] > limit:
+        raise InvalidArgument(
+            f"{field}.shape", f"N = {shape[0]} is above the limit of {limit} per request"
+        )
+    expected = math.prod(shape) * dtype.itemsize
+    if len(tensor.data) != expected:
+        raise InvalidArgument(
+            f"{field}.data",
+            f"expected {expected} bytes for shape {shape} of "
+            f"{_enum_name(vae_pb2.DataType, tensor.dtype)}, got {len(tensor.data)}",
+        )
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+
+
+def _check_finite(array: np.ndarray, field: str) -> tuple[float, float]:
+    """min and max (NaN propagates through both; infinity shows in one of them)."""
+    low, high = float(array.min()), float(array.max())
+    if not (math.isfinite(low) and math.isfinite(high)):
+        where = np.argwhere(~np.isfinite(array))[0].tolist()
+        raise InvalidArgument(
+            f"{field}.data", f"expected finite values, found {array[tuple(where)]} at {where}"
+        )
+    return low, high
+
+
+def images_from_tensor(tensor: vae_pb2.Tensor, field: str, *, limit: int) -> np.ndarray:
+    """float32 [N, 784] in [0, 1] from a [N, 784] or [N, 28, 28] float32 or uint8 tensor."""
+    array = tensor_array(tensor, field, limit=limit)
+    if list(array.shape[1:]) not in ([IMAGE_SIZE], list(IMAGE_SHAPE)):
+        raise InvalidArgument(
+            f"{field}.shape", f"expected [N, {IMAGE_SIZE}] or [N, 28, 28], got {list(array.shape)}"
+        )
+    array = array.reshape(array.shape[0], IMAGE_SIZE)
+    if array.dtype == np.uint8:
+        return np.multiply(array, np.float32(1 / 255), dtype=np.float32)
+    low, high = _check_finite(array, field)
+    if low < 0.0 or high > 1.0:
+        raise InvalidArgument(
+            f"{field}.data", f"float32 images must lie in [0, 1], got values in [{low}, {high}]"
+        )
+    return array
+
+
+def images_from_png(files: Sequence[bytes], field: str, *, limit: int) -> np.ndarray:
+    """float32 [N, 784] from one 28x28 PNG per image (colour becomes luminance)."""
+    if not files:
+        raise InvalidArgument(field, "empty batch: expected at least one PNG")
+    if len(files) > limit:
+        raise InvalidArgument(
+            field, f"{len(files)} images is above the limit of {limit} per request"
+        )
+    out = np.empty((len(files), IMAGE_SIZE), dtype=np.uint8)
+    for i, data in enumerate(files):
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                if image.format != "PNG":
+                    raise InvalidArgument(
+                        f"{field}[{i}]", f"expected a PNG file, got {image.format}"
+                    )
+                if image.size != IMAGE_SHAPE[::-1]:
+                    raise InvalidArgument(
+                        f"{field}[{i}]",
+                        f"expected a 28x28 image, got {image.size[0]}x{image.size[1]}",
+                    )
+                out[i] = np.asarray(image.convert("L")).reshape(IMAGE_SIZE)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            raise InvalidArgument(f"{field}[{i}]", f"not a decodable PNG file ({e})") from e
+    return np.multiply(out, np.float32(1 / 255), dtype=np.float32)
+
+
+def png_count(images: vae_pb2.ImageInput) -> int:
+    return len(images.png.images) if images.WhichOneof("images") == "png" else 0
+
+
+def images_in(images: vae_pb2.ImageInput, field: str, *, limit: int) -> np.ndarray:
+    kind = images.WhichOneof("images")
+    if kind == "tensor":
+        return images_from_tensor(images.tensor, f"{field}.tensor", limit=limit)
+    if kind == "png":
+        return images_from_png(images.png.images, f"{field}.png.images", limit=limit)
+    raise InvalidArgument(field, "expected images as a tensor or as png files, got neither")
+
+
+def latents_in(tensor: vae_pb2.Tensor, field: str, *, latent_size: int, limit: int) -> np.ndarray:
+    """float32 [N, latent_size], finite."""
+    array = tensor_array(tensor, field, limit=limit)
+    if array.dtype != np.float32:
+        raise InvalidArgument(
+            f"{field}.dtype",
+            f"expected DATA_TYPE_FLOAT32, got {vae_pb2.DataType.Name(tensor.dtype)}",
+        )
+    if array.ndim != 2 or array.shape[1] != latent_size:
+        raise InvalidArgument(
+            f"{field}.shape",
+            f"expected [N, {latent_size}] (the latent size), got {list(array.shape)}",
+        )
+    _check_finite(array, field)
+    return array
+
+
+def count_in(count: int, field: str, *, limit: int) -> int:
+    if not 1 <= count <= limit:
+        raise InvalidArgument(field, f"expected 1 to {limit}, got {count}")
+    return count
+
+
+def samples_per_image_in(samples: int, n: int, field: str, *, limit: int) -> int:
+    if samples < 0:
+        raise InvalidArgument(field, f"expected 0 or more, got {samples}")
+    if n * samples > limit:
+        raise InvalidArgument(
+            field,
+            f"N * samples_per_image = {n} * {samples} is above the limit of {limit} per request",
+        )
+    return samples
+
+
+def temperature_in(request: vae_pb2.SampleRequest, field: str) -> float:
+    if not request.HasField("temperature"):
+        return 1.0
+    t = request.temperature
+    if not (math.isfinite(t) and t > 0):
+        raise InvalidArgument(field, f"expected a finite number > 0, got {t}")
+    return t
+
+
+def format_in(image_format: int, field: str) -> ImageFormat:
+    if image_format not in FORMATS:
+        names = ", ".join(vae_pb2.ImageFormat.Name(f) for f in sorted(FORMATS) if f)
+        raise InvalidArgument(
+            field, f"unknown image format {image_format}; expected one of {names}"
+        )
+    if image_format == vae_pb2.IMAGE_FORMAT_UNSPECIFIED:
+        return vae_pb2.IMAGE_FORMAT_PROBABILITIES
+    return cast(ImageFormat, image_format)
+
+
+def _enum_name(enum: object, value: int) -> str:
+    try:
+        return cast(str, enum.Name(value))  # type: ignore[attr-defined]
+    except ValueError:
+        return f"unknown value {value}"
+
+
+# numpy -> responses
+
+
+def tensor_out(array: np.ndarray) -> vae_pb2.Tensor:
+    dtype = vae_pb2.DATA_TYPE_UINT8 if array.dtype == np.uint8 else vae_pb2.DATA_TYPE_FLOAT32
+    little = array.astype(DTYPES[dtype], copy=False)  # a no-op on little-endian hosts
+    return vae_pb2.Tensor(shape=array.shape, dtype=dtype, data=little.tobytes())
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image, mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def images_out(
+    probabilities: np.ndarray, image_format: ImageFormat, seed: int
+) -> vae_pb2.ImageOutput:
+    """Probabilities float32 [N, 784] -> the images in the requested (validated) format."""
+    images = probabilities.reshape(-1, *IMAGE_SHAPE)
+    if image_format == vae_pb2.IMAGE_FORMAT_PNG:
+        grey = to_uint8(images)
+        return vae_pb2.ImageOutput(format=image_format, png=[png_bytes(g) for g in grey])
+    if image_format == vae_pb2.IMAGE_FORMAT_UINT8:
+        images = to_uint8(images)
+    elif image_format == vae_pb2.IMAGE_FORMAT_BINARY:
+        images = bernoulli(images, seed)
+    return vae_pb2.ImageOutput(format=image_format, tensor=tensor_out(images))
+
+
+def model_info_out(info: ModelInfo, max_items: int) -> vae_pb2.ModelInfo:
+    return vae_pb2.ModelInfo(
+        name=info.name,
+        version=info.version,
+        latent_size=info.latent_size,
+        image_shape=info.image_shape,
+        providers=info.providers,
+        metrics=info.metrics,
+        max_items_per_request=max_items,
+    )

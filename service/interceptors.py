@@ -1,0 +1,89 @@
+"""The one place errors become status codes, and every VaeService call is counted once.
+
+ServiceError subclasses are answered with their own code and message; anything else is logged
+with its traceback and answered INTERNAL with a generic message, so no internals leak. Calls
+arriving before the model is warmed up are answered UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+import grpc
+
+from service.errors import ServiceError, Unavailable
+from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+SERVICE_PREFIX = "/vae.v1.VaeService/"
+INTERNAL_MESSAGE = "internal error (logged on the server)"
+
+Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps the unary-unary handlers of vae.v1.VaeService; other services pass through."""
+
+    def __init__(self, metrics: Metrics, ready: asyncio.Event) -> None:
+        self.metrics = metrics
+        self.ready = ready
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method_path: str = handler_call_details.method  # type: ignore[attr-defined]
+        if (
+            handler is None
+            or handler.unary_unary is None
+            or not method_path.startswith(SERVICE_PREFIX)
+        ):
+            return handler
+        behavior = cast(Handler, handler.unary_unary)  # an async def in a grpc.aio server
+        wrapped = self._wrap(behavior, method_path.removeprefix(SERVICE_PREFIX))
+        return grpc.unary_unary_rpc_method_handler(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _wrap(self, behavior: Handler, method: str) -> Handler:
+        metrics = self.metrics
+
+        async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            metrics.in_flight.inc()
+            try:
+                if not self.ready.is_set():
+                    raise Unavailable("the model is still warming up; retry shortly")
+                return await behavior(request, context)
+            except ServiceError as e:
+                code = e.code
+                await context.abort(e.code, str(e))
+            except asyncio.CancelledError:
+                # The caller went away or its deadline passed: nothing is sent back.
+                remaining = context.time_remaining()
+                expired = remaining is not None and remaining <= 0
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+                raise
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[attr-defined]
+                raise
+            except Exception:
+                log.exception("%s failed", method)
+                code = grpc.StatusCode.INTERNAL
+                await context.abort(code, INTERNAL_MESSAGE)
+            finally:
+                metrics.in_flight.dec()
+                metrics.requests.labels(method, code.name).inc()
+                metrics.request_seconds.labels(method).observe(time.perf_counter() - start)
+
+        return handle

@@ -1,0 +1,247 @@
+"""The model on ONNX Runtime: verified loading, provider selection, warm-up, and batch-oriented
+async inference run off the event loop. No gRPC here.
+
+`Runtime.encode(images [N, 784] float32) -> (mean, log_variance)` and
+`Runtime.decode(latents [N, latent] float32) -> probabilities [N, 784] float32` run in a thread
+pool sized by `settings.inference_workers`; ONNX Runtime releases the GIL, so the event loop
+keeps serving while they compute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ParamSpec, TypeVar
+
+import numpy as np
+import onnxruntime as ort
+
+from export.manifest import Manifest, ModelError, NetworkFile, load_verified, resolve_version
+from service.metrics import Metrics
+from service.sampling import sigmoid_
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+WARM_UP_BATCH_SIZES = (1, 64)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class ProviderError(RuntimeError):
+    """The execution provider asked for cannot run here (e.g. `cuda` without a usable GPU)."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    version: int
+    latent_size: int
+    image_shape: tuple[int, ...]
+    providers: tuple[str, ...]  # what ONNX Runtime actually uses, not what was asked for
+    metrics: dict[str, float] = field(default_factory=dict)
+    directory: Path = Path()
+
+    @property
+    def image_size(self) -> int:
+        return int(np.prod(self.image_shape))
+
+
+def session_options(settings: Settings) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.intra_op_threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Spinning intra-op threads take cores from the event loop (measured: slower at every size).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return options
+
+
+def _open_session(path: Path, settings: Settings, providers: list[str]) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), session_options(settings), providers=providers)
+    except Exception as e:  # ONNX Runtime raises its own untyped errors on a bad graph
+        raise ModelError(f"{path}: ONNX Runtime cannot load it: {e}") from e
+
+
+def _open_with_provider(path: Path, settings: Settings) -> ort.InferenceSession:
+    """Open one session on the provider the settings ask for.
+
+    onnxruntime-gpu lists CUDA as available even without a GPU, and a session asked for CUDA
+    silently runs on the CPU: only `get_providers()` after creation tells the truth.
+    """
+    if settings.provider == "cpu":
+        return _open_session(path, settings, [CPU])
+    if settings.provider == "cuda":
+        session = _open_session(path, settings, [CUDA, CPU])
+        if CUDA not in session.get_providers():
+            raise ProviderError(
+                "provider 'cuda' was requested but ONNX Runtime cannot use CUDA here (no GPU, "
+                f"or missing CUDA/cuDNN libraries; see its message above): providers in use are "
+                f"{session.get_providers()}. Use --provider auto or cpu to run on the CPU."
+            )
+        return session
+    if CUDA not in ort.get_available_providers():
+        return _open_session(path, settings, [CPU])
+    # auto: try CUDA quietly (its failure is expected on CPU hosts), then tell what happened.
+    ort.set_default_logger_severity(4)
+    try:
+        session = _open_session(path, settings, [CUDA, CPU])
+    finally:
+        ort.set_default_logger_severity(2)
+    return session
+
+
+def _check_signature(
+    session: ort.InferenceSession, net: NetworkFile, role: str, path: Path
+) -> None:
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    expected_in = [t.name for t in net.inputs]
+    expected_out = [t.name for t in net.outputs]
+    if inputs != expected_in or outputs != expected_out:
+        raise ModelError(
+            f"{path}: the {role} graph has inputs {inputs} and outputs {outputs}, the manifest "
+            f"says {expected_in} and {expected_out}"
+        )
+
+
+class Runtime:
+    """The encoder and decoder sessions of one verified model version."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        directory: Path,
+        encoder: ort.InferenceSession,
+        decoder: ort.InferenceSession,
+        *,
+        workers: int,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.manifest = manifest
+        self.encoder = encoder
+        self.decoder = decoder
+        self.metrics = metrics
+        providers = tuple(decoder.get_providers())
+        self.info = ModelInfo(
+            name=manifest.name,
+            version=manifest.version,
+            latent_size=manifest.latent_size,
+            image_shape=tuple(manifest.image_shape),
+            providers=providers,
+            metrics=dict(manifest.metrics),
+            directory=directory,
+        )
+        self._image_input = manifest.encoder.inputs[0].name
+        self._encoder_outputs = [t.name for t in manifest.encoder.outputs]
+        self._latent_input = manifest.decoder.inputs[0].name
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="inference")
+
+    @classmethod
+    def load(cls, settings: Settings, metrics: Metrics | None = None) -> Runtime:
+        """Verify the model version's files against its manifest and open both sessions.
+
+        Raises ModelError (missing, tampered or inconsistent model) or ProviderError.
+        """
+        directory = resolve_version(
+            settings.model_repo, settings.model_name, settings.model_version
+        )
+        manifest = load_verified(directory)
+        sessions = {}
+        for role, net in manifest.networks().items():
+            path = directory / net.path
+            session = _open_with_provider(path, settings)
+            _check_signature(session, net, role, path)
+            sessions[role] = session
+        providers = sessions["decoder"].get_providers()
+        if settings.provider == "auto" and CUDA not in providers:
+            log.warning(
+                "provider auto: CUDA is not usable here (no GPU, or missing CUDA/cuDNN "
+                "libraries; --provider cuda shows ONNX Runtime's reason); running on the CPU"
+            )
+        log.info(
+            "loaded %s version %d from %s: latent size %d, providers %s, %d ONNX Runtime "
+            "thread(s) per run, %d inference worker(s)",
+            manifest.name,
+            manifest.version,
+            directory,
+            manifest.latent_size,
+            providers,
+            settings.intra_op_threads,
+            settings.inference_workers,
+        )
+        runtime = cls(
+            manifest,
+            directory,
+            sessions["encoder"],
+            sessions["decoder"],
+            workers=settings.inference_workers,
+            metrics=metrics,
+        )
+        if metrics is not None:
+            metrics.set_model(manifest.name, manifest.version, runtime.info.providers)
+        return runtime
+
+    @property
+    def latent_size(self) -> int:
+        return self.info.latent_size
+
+    # Synchronous inference: called in the worker threads.
+
+    def _timed_run(
+        self, network: str, session: ort.InferenceSession, outputs: list[str] | None, feed: dict
+    ) -> list[np.ndarray]:
+        start = time.perf_counter()
+        result = session.run(outputs, feed)
+        if self.metrics is not None:
+            self.metrics.inference_seconds.labels(network).observe(time.perf_counter() - start)
+        return result  # type: ignore[no-any-return]
+
+    def encode_sync(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mean, log_variance = self._timed_run(
+            "encoder", self.encoder, self._encoder_outputs, {self._image_input: images}
+        )
+        return mean, log_variance
+
+    def decode_sync(self, latents: np.ndarray) -> np.ndarray:
+        (logits,) = self._timed_run("decoder", self.decoder, None, {self._latent_input: latents})
+        return sigmoid_(logits)
+
+    def warm_up(self) -> None:
+        """Run both networks once per warm-up batch size (first runs allocate and plan)."""
+        start = time.perf_counter()
+        for n in WARM_UP_BATCH_SIZES:
+            images = np.full((n, self.info.image_size), 0.5, dtype=np.float32)
+            self.encoder.run(None, {self._image_input: images})
+            latents = np.zeros((n, self.latent_size), dtype=np.float32)
+            self.decoder.run(None, {self._latent_input: latents})
+        log.info("warmed up in %.1f ms", 1000 * (time.perf_counter() - start))
+
+    # Asynchronous API: what the servicer (or a batcher in front of it) awaits.
+
+    async def offload(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run CPU-heavy work (inference, large conversions) in the inference thread pool."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    async def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """images float32 [N, 784] in [0, 1] -> (mean, log_variance) float32 [N, latent]."""
+        return await self.offload(self.encode_sync, images)
+
+    async def decode(self, latents: np.ndarray) -> np.ndarray:
+        """latents float32 [N, latent] -> Bernoulli probabilities float32 [N, 784]."""
+        return await self.offload(self.decode_sync, latents)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)

@@ -60,3 +60,42 @@ bench-quality: install
 
 clean-models:
 	rm -rf $(MODEL_REPO)/$(MODEL_NAME) $(RUN_DIR)
+
+# ---- Containers and Kubernetes (deploy/README.md) ----
+CONTAINER_ENGINE ?= docker
+KUBECTL ?= kubectl
+IMAGE ?= vae-serve
+IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+# baked: models/$(MODEL_NAME) goes into the image; mounted: the image expects a volume at /models.
+MODEL_SOURCE ?= baked
+OVERLAY ?= cpu
+MANIFESTS_DIR ?= deploy/rendered
+
+.PHONY: image image-gpu deploy manifests
+
+# vae-serve:<version> (CPU) and vae-serve:<version>-gpu. The model is trained first if missing.
+image: DOCKERFILE := deploy/docker/Dockerfile.cpu
+image: TAG = $(IMAGE_TAG)
+image-gpu: DOCKERFILE := deploy/docker/Dockerfile.gpu
+image-gpu: TAG = $(IMAGE_TAG)-gpu
+image image-gpu:
+	@$(CONTAINER_ENGINE) info >/dev/null 2>&1 || { \
+		echo "make $@: no container engine is running ('$(CONTAINER_ENGINE) info' failed)." >&2; \
+		echo "Start one, or point CONTAINER_ENGINE at one (docker, podman); 'pytest tests/deploy' still checks the Dockerfiles." >&2; \
+		exit 1; }
+	$(if $(filter baked,$(MODEL_SOURCE)),@$(MAKE) --no-print-directory model)
+	$(CONTAINER_ENGINE) build -f $(DOCKERFILE) --build-arg MODEL_SOURCE=$(MODEL_SOURCE) \
+		--build-arg MODEL_NAME=$(MODEL_NAME) -t $(IMAGE):$(TAG) .
+
+# Apply an overlay (OVERLAY=cpu or gpu) to the current kubectl context and wait for the rollout.
+deploy:
+	$(KUBECTL) apply -k deploy/k8s/overlays/$(OVERLAY)
+	$(KUBECTL) --namespace vae-serve rollout status deployment/vae-serve --timeout=10m
+
+# Render every overlay to $(MANIFESTS_DIR)/<overlay>.yaml, to read or to hand to GitOps.
+manifests:
+	@mkdir -p $(MANIFESTS_DIR)
+	@for overlay in cpu gpu; do \
+		$(KUBECTL) kustomize deploy/k8s/overlays/$$overlay > $(MANIFESTS_DIR)/$$overlay.yaml || exit 1; \
+		echo "$(MANIFESTS_DIR)/$$overlay.yaml"; \
+	done

@@ -1,33 +1,23 @@
-"""Fixtures for the batcher: a tiny real decoder on ONNX Runtime, and an executor."""
+"""Fixtures for the batcher: the tiny exported decoder on ONNX Runtime, and an executor."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
-import torch
-
-from export.model import VAE, VAEConfig
-from export.onnx_export import export_version
-
-LATENT = 4
 
 
 @pytest.fixture(scope="session")
-def decoder_session(tmp_path_factory: pytest.TempPathFactory) -> ort.InferenceSession:
-    torch.manual_seed(0)
-    version = export_version(
-        VAE(VAEConfig(latent_size=LATENT, hidden_sizes=(32,))),
-        tmp_path_factory.mktemp("repo"),
-        "tiny",
-    )
+def decoder_session(tiny_model: Path) -> ort.InferenceSession:
+    """The decoder of `tiny_model` (tests/conftest.py: latent size 4), one ORT thread."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     return ort.InferenceSession(
-        str(version / "decoder.onnx"), options, providers=["CPUExecutionProvider"]
+        str(tiny_model / "decoder.onnx"), options, providers=["CPUExecutionProvider"]
     )
 
 

@@ -80,7 +80,7 @@ def numbered(start: int, n: int) -> np.ndarray:
     return rows
 
 
-LATENT = 4  # the tiny decoder's latent size (conftest)
+LATENT = 4  # the latent size of tests/conftest.py:tiny_model
 
 
 def make(net: Callable[[np.ndarray], Any], executor: ThreadPoolExecutor, **kw: Any) -> Batcher:

@@ -1,0 +1,1 @@
+"""Benchmarks: the transport floor (`noop_server`), the Locust file, `make bench` scripts."""

@@ -3,6 +3,7 @@ decoder to 784 Bernoulli logits p(x|z), and the negative ELBO that trains both."
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass
 
@@ -34,7 +35,9 @@ class VAEConfig:
         if not self.hidden_sizes or min(self.hidden_sizes) < 1:
             raise ValueError(f"hidden_sizes must be positive widths, got {self.hidden_sizes}")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+            raise ValueError(
+                f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
+            )
 
     def to_dict(self) -> dict[str, object]:
         return {**asdict(self), "hidden_sizes": list(self.hidden_sizes)}
@@ -51,7 +54,7 @@ class VAEConfig:
 def mlp(sizes: list[int], activation: str) -> nn.Sequential:
     """Linear layers with the activation between them (none after the last)."""
     layers: list[nn.Module] = []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(n_in, n_out))
         if i < len(sizes) - 2:
             layers.append(ACTIVATIONS[activation]())
@@ -133,9 +136,7 @@ def log_normal(z: torch.Tensor, mean: torch.Tensor, log_variance: torch.Tensor) 
 
 
 @torch.no_grad()
-def importance_weighted_nll(
-    model: VAE, x: torch.Tensor, k: int, chunk: int = 500
-) -> torch.Tensor:
+def importance_weighted_nll(model: VAE, x: torch.Tensor, k: int, chunk: int = 500) -> torch.Tensor:
     """-log p(x) per image, estimated with k importance samples from q(z|x) (Burda et al., 2016):
     -(logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log k). Tightens as k grows;
     with k=1 it is the (single-sample) negative ELBO."""

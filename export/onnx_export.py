@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
+import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -49,18 +50,24 @@ def git_commit() -> str:
 
 
 def _export_network(
-    net: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str, output_names: list[str]
+    net: torch.nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    input_name: str,
+    output_names: list[str],
 ) -> None:
-    torch.onnx.export(
-        net,
-        (example,),
-        str(path),
-        input_names=[input_name],
-        output_names=output_names,
-        dynamic_axes={input_name: {0: "N"}, **{name: {0: "N"} for name in output_names}},
-        opset_version=OPSET,
-        dynamo=False,
-    )
+    with warnings.catch_warnings():  # dynamo=False is deliberate; its deprecation is noise
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            net,
+            (example,),
+            str(path),
+            input_names=[input_name],
+            output_names=output_names,
+            dynamic_axes={input_name: {0: "N"}, **{name: {0: "N"} for name in output_names}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
 
 
@@ -121,13 +128,15 @@ def export_version(
 
     staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=model_dir))
     try:
-        _export_network(model.encoder, images[:2], staging / "encoder.onnx", "image",
-                        ["mean", "log_variance"])
-        _export_network(model.decoder, latents[:2], staging / "decoder.onnx", "latent",
-                        ["logits"])
+        _export_network(
+            model.encoder, images[:2], staging / "encoder.onnx", "image", ["mean", "log_variance"]
+        )
+        _export_network(model.decoder, latents[:2], staging / "decoder.onnx", "latent", ["logits"])
         parity = {
             "encoder": _max_parity_error(model.encoder, staging / "encoder.onnx", images, "image"),
-            "decoder": _max_parity_error(model.decoder, staging / "decoder.onnx", latents, "latent"),
+            "decoder": _max_parity_error(
+                model.decoder, staging / "decoder.onnx", latents, "latent"
+            ),
         }
         for role, err in parity.items():
             if not err <= PARITY_TOLERANCE:
@@ -170,3 +179,64 @@ def export_version(
         raise
     load_verified(final)
     return final
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`vae-export`: a checkpoint -> the next version of a model in a model repository."""
+    import argparse
+    import json
+
+    from export.data import binarized_test_set
+    from export.evaluate import evaluate
+    from export.train import (
+        dataset_from_checkpoint,
+        load_checkpoint,
+        model_from_checkpoint,
+        training_summary,
+    )
+
+    p = argparse.ArgumentParser(prog="vae-export", description=main.__doc__)
+    p.add_argument("--checkpoint", type=Path, required=True, help="best.pt from vae-train")
+    p.add_argument("--model-repo", type=Path, default=Path("models"))
+    p.add_argument("--name", default="mnist-vae")
+    p.add_argument("--version", type=int, help="default: one above the latest")
+    p.add_argument("--data-dir", type=Path, help="default: the data the checkpoint was trained on")
+    p.add_argument("--k", type=int, default=1000, help="importance samples for the test metrics")
+    p.add_argument("--metrics", type=Path, help="take the test metrics from vae-evaluate's JSON")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    state = load_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(state)
+    dataset = dataset_from_checkpoint(state, args.data_dir)
+    if args.metrics:
+        metrics = json.loads(args.metrics.read_text())["metrics"]
+    else:
+        x = torch.from_numpy(binarized_test_set(dataset))
+        print(f"evaluating on {len(x)} test images with k={args.k}", flush=True)
+        metrics = evaluate(model, x, args.k)
+    n = max(PARITY_BATCH_SIZES)
+    parity_images = (
+        torch.from_numpy(dataset.test.images[:n]).float() / 255 if len(dataset.test) >= n else None
+    )
+    path = export_version(
+        model,
+        args.model_repo,
+        args.name,
+        version=args.version,
+        parity_images=parity_images,
+        training={**training_summary(state), "checkpoint": str(args.checkpoint)},
+        metrics=metrics,
+    )
+    manifest = load_verified(path)
+    print(
+        f"exported {path}: parity {manifest.parity}, test negative ELBO "
+        f"{metrics['negative_elbo']:.2f}, -log p(x) ~ {metrics['iw_nll']:.2f} nats "
+        f"(k={int(metrics['iw_k'])}), {int(metrics['active_units'])} active units",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

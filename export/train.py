@@ -1,0 +1,370 @@
+"""Train the VAE on the negative ELBO: `vae-train` (or `python -m export.train`).
+
+Reads top to bottom: settings, checkpoints, one epoch, the loop, the command line. Training
+uses dynamic binarization (every image is redrawn as Bernoulli(intensity) each time it is
+used); validation uses one fixed binarization, so its ELBO is comparable epoch to epoch. The
+run is deterministic for a seed, including across a resume: the checkpoint carries the RNG
+states along with the model, optimizer, config, history and a description of the data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from export.data import Dataset, binarize, load_dataset
+from export.model import VAE, VAEConfig, negative_elbo
+
+CHECKPOINT_FORMAT = 1
+SAVE_SECONDS = 30.0  # write last.pt and best.pt at least this often, and after the last epoch
+VALIDATION_BINARIZATION_SEED = 1
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 100  # the embedded 4,000 digits: ~0.5 s an epoch on 2 cores
+    batch_size: int = 128
+    lr: float = 1e-3  # Adam; cosine-decayed to lr * final_lr_fraction over `epochs`
+    final_lr_fraction: float = 0.1
+    kl_warmup_epochs: int = 10  # KL weight rises linearly 0 -> 1 (Sønderby et al. 2016)
+    seed: int = 0
+    threads: int = 2  # torch intra-op threads; fixed, so results do not depend on the machine
+
+    def lr_at(self, epoch: int) -> float:
+        """Cosine decay over the planned epochs (epoch counts from 0)."""
+        progress = min(epoch / max(self.epochs - 1, 1), 1.0)
+        floor = self.lr * self.final_lr_fraction
+        return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def kl_weight_at(self, epoch: int, step: float) -> float:
+        """The KL weight at `epoch` + `step` (fraction of the epoch done)."""
+        if self.kl_warmup_epochs <= 0:
+            return 1.0
+        return min((epoch + step) / self.kl_warmup_epochs, 1.0)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Plain tensors, dicts, lists, numbers and strings only, written atomically."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load with weights_only=True (no foreign pickles) and check it is one of ours."""
+    if not Path(path).is_file():
+        raise SystemExit(f"{path}: no such checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"{path}: not a loadable checkpoint: {e}") from e
+    missing = {"format", "config", "model", "epoch", "history", "data", "settings"} - set(state)
+    if not isinstance(state, dict) or missing:
+        raise SystemExit(f"{path}: not a vae-train checkpoint (missing {sorted(missing)})")
+    return state
+
+
+def model_from_checkpoint(state: dict[str, Any]) -> VAE:
+    model = VAE(VAEConfig.from_dict(state["config"]))
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def dataset_from_checkpoint(state: dict[str, Any], data_dir: Path | None = None) -> Dataset:
+    """The data the checkpoint was trained on (or `data_dir`, if given)."""
+    recorded = state["data"].get("data_dir")
+    return load_dataset(data_dir or (Path(recorded) if recorded else None))
+
+
+def data_record(dataset: Dataset, data_dir: Path | None) -> dict[str, Any]:
+    return {**dataset.description, "data_dir": str(data_dir.resolve()) if data_dir else None}
+
+
+def check_compatible(
+    state: dict[str, Any], config: VAEConfig, settings: TrainSettings, data: dict[str, Any]
+) -> None:
+    """Refuse a resume that would silently continue a different run."""
+    problems = []
+    saved_config = VAEConfig.from_dict(state["config"])
+    if saved_config != config:
+        problems.append(f"model config: checkpoint has {saved_config}, asked for {config}")
+    saved = TrainSettings(**state["settings"])
+    for name in ("batch_size", "lr", "final_lr_fraction", "kl_warmup_epochs", "seed"):
+        if getattr(saved, name) != getattr(settings, name):
+            was, now = getattr(saved, name), getattr(settings, name)
+            problems.append(f"{name}: checkpoint has {was}, asked for {now}")
+    for key in ("source", "train", "validation", "test"):
+        if state["data"].get(key) != data.get(key):
+            was, now = state["data"].get(key), data.get(key)
+            problems.append(f"data {key}: checkpoint has {was!r}, asked for {now!r}")
+    if problems:
+        raise SystemExit(
+            "cannot resume: the checkpoint is from an incompatible run:\n  "
+            + "\n  ".join(problems)
+            + "\n(drop --resume, or choose another --out, to start a new run)"
+        )
+
+
+# ---------------------------------------------------------------------------- one epoch
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, 784] -> float32 probabilities in [0, 1]."""
+    return torch.from_numpy(images).float().div_(255)
+
+
+def train_epoch(
+    model: VAE,
+    optimizer: torch.optim.Optimizer,
+    probabilities: torch.Tensor,
+    settings: TrainSettings,
+    epoch: int,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """One pass in a random order, each image binarized afresh. Returns mean loss/rec/kl."""
+    model.train()
+    for group in optimizer.param_groups:
+        group["lr"] = settings.lr_at(epoch)
+    n = len(probabilities)
+    order = torch.randperm(n, generator=generator)
+    steps = math.ceil(n / settings.batch_size)
+    totals = torch.zeros(3, dtype=torch.float64)
+    bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{settings.epochs}", leave=False, disable=None)
+    for step in bar:
+        index = order[step * settings.batch_size : (step + 1) * settings.batch_size]
+        x = torch.bernoulli(probabilities[index], generator=generator)
+        logits, mean, log_variance = model(x)
+        loss, rec, kl = negative_elbo(logits, x, mean, log_variance)
+        beta = settings.kl_weight_at(epoch, step / steps)
+        objective = (rec + beta * kl).mean()
+        optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        optimizer.step()
+        with torch.no_grad():
+            totals += torch.stack([loss.sum(), rec.sum(), kl.sum()]).double()
+            seen = min((step + 1) * settings.batch_size, n)
+            if bar.disable is False and step % 10 == 0:
+                avg = (totals / seen).tolist()
+                bar.set_postfix(loss=f"{avg[0]:.2f}", rec=f"{avg[1]:.2f}", kl=f"{avg[2]:.2f}")
+    loss_sum, rec_sum, kl_sum = (totals / n).tolist()
+    return {"loss": loss_sum, "rec": rec_sum, "kl": kl_sum}
+
+
+@torch.no_grad()
+def validate(model: VAE, x: torch.Tensor, batch_size: int = 1000) -> dict[str, float]:
+    """Negative ELBO (one posterior sample an image) on an already binarized set."""
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64)
+    for start in range(0, len(x), batch_size):
+        batch = x[start : start + batch_size]
+        logits, mean, log_variance = model(batch)
+        loss, rec, kl = negative_elbo(logits, batch, mean, log_variance)
+        totals += torch.stack([loss.sum(), rec.sum(), kl.sum()]).double()
+    loss_sum, rec_sum, kl_sum = (totals / len(x)).tolist()
+    return {"loss": loss_sum, "rec": rec_sum, "kl": kl_sum}
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def train(
+    settings: TrainSettings,
+    config: VAEConfig,
+    dataset: Dataset,
+    out: Path,
+    *,
+    data_dir: Path | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Train into `out` and return the final checkpoint state. last.pt is the run so far (for
+    a resume), best.pt holds the weights of the epoch with the best validation ELBO (for export
+    and evaluation, without optimizer state); pictures are drawn at the end. `stop_after` ends
+    after that many epochs in total, as an interruption would (tests use it to check that a
+    resume is seamless)."""
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
+    model = VAE(config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    data = data_record(dataset, data_dir)
+    history: dict[str, list[float]] = {}
+    start_epoch, best = 0, math.inf
+
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    if resume:
+        if not last_path.is_file():
+            raise SystemExit(f"cannot resume: {last_path} does not exist")
+        saved = load_checkpoint(last_path)
+        check_compatible(saved, config, settings, data)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        generator.set_state(saved["rng"]["generator"])
+        history, start_epoch, best = saved["history"], saved["epoch"], saved["best_validation"]
+        print(f"resuming {last_path} after epoch {start_epoch}", flush=True)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {config} ({n_params:,} parameters)", flush=True)
+    print(f"training: {settings}", flush=True)
+    train_probabilities = images_to_tensor(dataset.train.images)
+    validation_x = torch.from_numpy(
+        binarize(dataset.validation.images, VALIDATION_BINARIZATION_SEED)
+    )
+
+    best_weights, best_epoch = model.state_dict(), start_epoch
+    if resume and best_path.is_file():
+        saved_best = load_checkpoint(best_path)
+        best_weights, best_epoch = saved_best["model"], saved_best["epoch"]
+    last_saved = time.monotonic()
+    end = settings.epochs if stop_after is None else min(stop_after, settings.epochs)
+    if start_epoch >= end:
+        print(f"nothing to do: {last_path} has {start_epoch} of {settings.epochs} epochs")
+    state: dict[str, Any] = {}
+    for epoch in range(start_epoch, end):
+        t0 = time.perf_counter()
+        train_stats = train_epoch(model, optimizer, train_probabilities, settings, epoch, generator)
+        train_seconds = time.perf_counter() - t0
+        val_stats = validate(model, validation_x)
+        row = {
+            **{f"train_{k}": v for k, v in train_stats.items()},
+            **{f"val_{k}": v for k, v in val_stats.items()},
+            "lr": settings.lr_at(epoch),
+            "kl_weight": settings.kl_weight_at(epoch, 1.0),
+            "train_seconds": train_seconds,
+            "seconds": time.perf_counter() - t0,
+        }
+        for key, value in row.items():
+            history.setdefault(key, []).append(value)
+        improved = val_stats["loss"] < best
+        if improved:
+            best, best_epoch = val_stats["loss"], epoch + 1
+            best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "config": config.to_dict(),
+            "settings": asdict(settings),
+            "data": data,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch + 1,
+            "best_validation": best,
+            "history": history,
+            "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state()},
+            "torch_version": str(torch.__version__),
+        }
+        # Saving ~13 MB costs more than a small epoch: save every SAVE_SECONDS and at the end.
+        if epoch + 1 == end or time.monotonic() - last_saved >= SAVE_SECONDS:
+            save_checkpoint(last_path, state)
+            best_state = {k: v for k, v in state.items() if k not in ("optimizer", "rng")}
+            save_checkpoint(best_path, {**best_state, "model": best_weights, "epoch": best_epoch})
+            last_saved = time.monotonic()
+        print(
+            f"epoch {epoch + 1:3d}/{settings.epochs}  "
+            f"train {train_stats['loss']:7.2f} (rec {train_stats['rec']:6.2f} "
+            f"kl {train_stats['kl']:5.2f})  val {val_stats['loss']:7.2f}  "
+            f"{train_seconds:5.2f} s/epoch{'  *best' if improved else ''}",
+            flush=True,
+        )
+
+    if state and state["epoch"] == settings.epochs:
+        from export.evaluate import write_pictures  # matplotlib only when pictures are due
+
+        best_state = load_checkpoint(best_path)
+        pictures = write_pictures(model_from_checkpoint(best_state), dataset, history, out)
+        print("pictures: " + ", ".join(str(p) for p in pictures), flush=True)
+        summary = training_summary(best_state)
+        print(
+            f"done: best validation negative ELBO {best:.2f} nats at epoch "
+            f"{summary['best_epoch']}, {summary['seconds_per_epoch']:.2f} s/epoch, "
+            f"{summary['training_seconds']:.0f} s in all; best checkpoint {best_path}",
+            flush=True,
+        )
+    return state
+
+
+def training_summary(state: dict[str, Any]) -> dict[str, Any]:
+    """What a manifest or a results file should say about how a checkpoint was trained."""
+    history = state["history"]
+    val = history.get("val_loss", [])
+    seconds = history.get("train_seconds", [])
+    return {
+        "data": state["data"],
+        "settings": state["settings"],
+        "epochs_trained": len(val),
+        "best_epoch": int(np.argmin(val)) + 1 if val else 0,
+        "best_validation_negative_elbo": min(val) if val else math.nan,
+        "seconds_per_epoch": float(np.mean(seconds)) if seconds else math.nan,
+        "training_seconds": float(np.sum(history.get("seconds", []))),
+        "torch_version": state.get("torch_version", ""),
+    }
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="vae-train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", type=Path, help="MNIST-format IDX files (default: embedded 5k)")
+    p.add_argument("--out", type=Path, default=Path("runs/default"), help="checkpoints, pictures")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    # None = the default (or, on --resume, the checkpoint's value)
+    for f in fields(TrainSettings):
+        p.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=type(f.default),
+            default=None,
+            help=f"default {f.default}",
+        )
+    p.add_argument("--latent-size", type=int)
+    p.add_argument(
+        "--hidden-sizes",
+        type=lambda s: tuple(int(w) for w in s.split(",")),
+        help="comma-separated encoder widths, e.g. 512,256",
+    )
+    p.add_argument("--activation")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    base_settings, base_config = TrainSettings(), VAEConfig()
+    if args.resume and (args.out / "last.pt").is_file():
+        saved = load_checkpoint(args.out / "last.pt")  # unspecified flags keep the run's values
+        base_settings = TrainSettings(**saved["settings"])
+        base_config = VAEConfig.from_dict(saved["config"])
+    settings = replace(
+        base_settings,
+        **{
+            f.name: getattr(args, f.name)
+            for f in fields(TrainSettings)
+            if getattr(args, f.name) is not None
+        },
+    )
+    config = replace(
+        base_config,
+        **{
+            k: getattr(args, k)
+            for k in ("latent_size", "hidden_sizes", "activation")
+            if getattr(args, k) is not None
+        },
+    )
+    dataset = load_dataset(args.data_dir)
+    train(settings, config, dataset, args.out, data_dir=args.data_dir, resume=args.resume)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""The three commands end to end on a tiny config: vae-train, vae-evaluate, vae-export."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from export.manifest import load_verified, resolve_version
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", *args], capture_output=True, text=True, timeout=120
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def test_train_evaluate_export(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    tiny = ["--latent-size", "2", "--hidden-sizes", "32", "--batch-size", "256", "--threads", "1"]
+    trained = run("export.train", "--out", str(out), "--epochs", "2", *tiny)
+    assert "embedded MNIST subset" in trained.stdout
+    assert "s/epoch" in trained.stdout and "done: best validation" in trained.stdout
+    assert (out / "manifold.png").is_file()  # drawn for a 2-D latent
+
+    refused = run("export.train", "--out", str(out), "--resume", "--latent-size", "3", check=False)
+    assert refused.returncode != 0 and "incompatible run" in refused.stderr
+
+    results = tmp_path / "eval.json"
+    run("export.evaluate", "--checkpoint", str(out / "best.pt"), "--k", "10", "--out", str(results))
+    figures = json.loads(results.read_text())
+    assert figures["metrics"]["iw_k"] == 10 and figures["metrics"]["test_images"] == 500
+    assert figures["metrics"]["iw_nll"] < figures["metrics"]["negative_elbo"]
+    assert figures["training"]["epochs_trained"] == 2
+
+    repo = tmp_path / "models"
+    exported = run(
+        "export.onnx_export",
+        "--checkpoint",
+        str(out / "best.pt"),
+        "--model-repo",
+        str(repo),
+        "--name",
+        "t",
+        "--metrics",
+        str(results),
+    )
+    manifest = load_verified(resolve_version(repo, "t"))
+    assert str(resolve_version(repo, "t")) in exported.stdout
+    assert manifest.latent_size == 2
+    assert manifest.metrics["iw_nll"] == figures["metrics"]["iw_nll"]
+    assert manifest.training["data"]["source"].startswith("embedded")
+    assert manifest.training["epochs_trained"] == 2

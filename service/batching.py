@@ -10,7 +10,13 @@ caller, outside the batcher), so a batched result equals an unbatched one.
 
 One asyncio task per batcher gathers requests; it keeps up to `max_concurrent_runs` runs in
 flight (one per executor worker keeps the cores busy) and never busy-waits: it sleeps on a
-future that `submit` resolves only when the gatherer has something to do.
+future that `submit` resolves only when the gatherer has something to do. When several run
+slots are free, the queued rows are shared out over them (runs of at least `MIN_SPLIT_ROWS`),
+so a burst, or one large request, runs on every worker at once instead of one greedy run.
+
+`max_queue_delay` trades latency for batch size: each run waits for a full batch or the delay.
+With 0, batches still form on their own under load (rows queue while the runs are in flight)
+without ever delaying a request on an idle server; that is usually the best setting.
 
 Limits and drops:
 - The queue holds at most `max_queue_rows` rows not yet handed to a run; a request that does
@@ -48,6 +54,10 @@ RunFn = Callable[[np.ndarray], Sequence[np.ndarray]]
 """One synchronous run over stacked rows; row i of every output belongs to input row i."""
 
 Outputs = tuple[np.ndarray, ...]
+
+# With several run slots free, queued rows are shared out over them in runs of at least this
+# many rows (fewer rows go as one run: below this a run's fixed cost outweighs the parallelism).
+MIN_SPLIT_ROWS = 16
 
 
 class BatchObserver(Protocol):
@@ -322,13 +332,23 @@ class Batcher:
                     await self._sleep(self.max_batch_size, left)
             self._dispatch()
 
+    def _batch_limit(self) -> int:
+        """Rows for the next run: up to max_batch_size, but shared out when several run slots
+        are free, so one greedy run does not leave the other workers idle."""
+        free = self.max_concurrent_runs - self._in_flight
+        parts = min(free, self._queued_rows // MIN_SPLIT_ROWS)
+        if parts > 1:
+            return min(self.max_batch_size, -(-self._queued_rows // parts))
+        return self.max_batch_size
+
     def _take(self) -> tuple[list[_Segment], int]:
-        """Take up to max_batch_size queued rows, oldest first, dropping expired requests."""
+        """Take the next run's rows, oldest first, dropping expired requests."""
         segments: list[_Segment] = []
         total = 0
         now = time.monotonic()
         queue = self._queue
-        while queue and total < self.max_batch_size:
+        limit = self._batch_limit()
+        while queue and total < limit:
             request = queue[0]
             if request.future.done():  # a split request whose earlier chunk failed
                 queue.popleft()
@@ -346,7 +366,7 @@ class Batcher:
                     )
                     continue
                 self._observer.observe_queue_wait(now - request.submitted)
-            stop = min(request.n, start + self.max_batch_size - total)
+            stop = min(request.n, start + limit - total)
             segments.append((request, start, stop, total))
             total += stop - start
             request.next_row = stop

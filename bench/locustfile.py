@@ -93,8 +93,8 @@ class VaeUser(User):
         start = time.perf_counter()
         try:
             length = len(self.call(payload, timeout=self.timeout))
-        except grpc.RpcError as exc:
-            exception = exc
+        except grpc.RpcError as exc:  # grouped by status in Locust's error report
+            exception = RuntimeError(f"{exc.code().name}: {exc.details()}")  # type: ignore[attr-defined]
         self.environment.events.request.fire(
             request_type="grpc",
             name=self.method,

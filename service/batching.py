@@ -58,6 +58,9 @@ Outputs = tuple[np.ndarray, ...]
 # With several run slots free, queued rows are shared out over them in runs of at least this
 # many rows (fewer rows go as one run: below this a run's fixed cost outweighs the parallelism).
 MIN_SPLIT_ROWS = 16
+# A batch whose delay ends within this many seconds goes now: sleeping for less would spin,
+# as uvloop rounds timers to whole milliseconds (a 0.4 ms timer fires at once).
+TIMER_SLACK = 0.0005
 
 
 class BatchObserver(Protocol):
@@ -256,7 +259,6 @@ class Batcher:
         loop = asyncio.get_running_loop()
         self._queued_rows += n
         self._observer.set_queue_depth(self._queued_rows)
-        self._observer.observe_run(n)
         submitted = time.monotonic()
         try:
             started, outputs = await loop.run_in_executor(
@@ -266,6 +268,7 @@ class Batcher:
             self._queued_rows -= n
             self._observer.set_queue_depth(self._queued_rows)
             self._runs_done.set()
+        self._observer.observe_run(n)
         self._observer.observe_queue_wait(started - submitted)
         return _as_outputs(outputs, n, self.name)
 
@@ -322,12 +325,14 @@ class Batcher:
                         await self._sleep(never)
                     return
                 await self._sleep(1)
-            if self.max_queue_delay > 0:
-                # Wait for a full batch, at most until the oldest queued request's delay ends.
-                oldest = self._queue[0].submitted
+            head = self._queue[0]
+            if self.max_queue_delay > 0 and head.next_row == 0:
+                # Wait for a full batch, at most until the oldest queued request's delay ends
+                # (the rest of a request already split goes at once).
+                oldest = head.submitted
                 while not self._closing and 0 < self._queued_rows < self.max_batch_size:
                     left = oldest + self.max_queue_delay - time.monotonic()
-                    if left <= 0:
+                    if left < TIMER_SLACK:  # uvloop's timers round to whole milliseconds
                         break
                     await self._sleep(self.max_batch_size, left)
             self._dispatch()

@@ -308,3 +308,31 @@ async def test_rows_of_another_shape_are_refused(executor: ThreadPoolExecutor) -
         await batcher.submit(np.zeros((1, 5), np.float32))
     with pytest.raises(ValueError, match="N >= 1"):
         await batcher.submit(np.zeros((0, 3), np.float32))
+
+
+@run_async
+async def test_free_run_slots_share_a_large_request(executor: ThreadPoolExecutor) -> None:
+    net, recorder = NumpyNet(), Recorder()
+    batcher = make(net, executor, max_batch_size=64, max_concurrent_runs=2, observer=recorder)
+    rows = numbered(0, 64)
+    (doubled, total) = await batcher.submit(rows)
+    assert recorder.runs == [32, 32]  # both workers at once, not one greedy run
+    np.testing.assert_array_equal(doubled, NumpyNet.expected(rows)[0])
+    np.testing.assert_array_equal(total, NumpyNet.expected(rows)[1])
+    await batcher.submit(numbered(0, 8))
+    assert recorder.runs[2:] == [8]  # too few rows to be worth sharing out
+
+
+def test_on_uvloop_with_a_sub_millisecond_delay(executor: ThreadPoolExecutor) -> None:
+    uvloop = pytest.importorskip("uvloop")
+
+    async def body() -> None:
+        net = NumpyNet()
+        batcher = make(net, executor, max_queue_delay=0.0003, max_concurrent_runs=2)
+        requests = [numbered(100 * i, i % 7 + 1) for i in range(50)]
+        results = await asyncio.gather(*(batcher.submit(r) for r in requests))
+        for r, (doubled, _) in zip(requests, results, strict=True):
+            np.testing.assert_array_equal(doubled, NumpyNet.expected(r)[0])
+        await batcher.close()
+
+    uvloop.run(asyncio.wait_for(body(), timeout=30))

@@ -81,7 +81,8 @@ image-gpu: TAG = $(IMAGE_TAG)-gpu
 image image-gpu:
 	@$(CONTAINER_ENGINE) info >/dev/null 2>&1 || { \
 		echo "make $@: no container engine is running ('$(CONTAINER_ENGINE) info' failed)." >&2; \
-		echo "Start one, or point CONTAINER_ENGINE at one (docker, podman); 'pytest tests/deploy' still checks the Dockerfiles." >&2; \
+		echo "Start one, or set CONTAINER_ENGINE (docker, podman)." >&2; \
+		echo "Without one, 'pytest tests/deploy' still checks the Dockerfiles." >&2; \
 		exit 1; }
 	$(if $(filter baked,$(MODEL_SOURCE)),@$(MAKE) --no-print-directory model)
 	$(CONTAINER_ENGINE) build -f $(DOCKERFILE) --build-arg MODEL_SOURCE=$(MODEL_SOURCE) \

@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--loop",
         choices=["uvloop", "asyncio"],
-        default="uvloop",
-        help="event loop (default uvloop)",
+        default="asyncio",
+        help="event loop: match the service's (asyncio today), so the floor is a fair one",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)

@@ -336,3 +336,23 @@ def test_on_uvloop_with_a_sub_millisecond_delay(executor: ThreadPoolExecutor) ->
         await batcher.close()
 
     uvloop.run(asyncio.wait_for(body(), timeout=30))
+
+
+@run_async
+async def test_small_runs_inline_on_the_event_loop(
+    decoder_session: ort.InferenceSession, rng: np.random.Generator
+) -> None:
+    def decode(latents: np.ndarray) -> list[np.ndarray]:
+        assert threading.current_thread() is threading.main_thread()  # never a worker
+        return decoder_session.run(None, {"latent": latents})  # type: ignore[no-any-return]
+
+    recorder = Recorder()
+    with ThreadPoolExecutor(1) as unused:
+        for enabled in (True, False):
+            batcher = make(decode, unused, inline_max_rows=64, enabled=enabled, observer=recorder)
+            requests = [rng.standard_normal((n, LATENT), dtype=np.float32) for n in (1, 5, 2)]
+            results = await asyncio.gather(*(batcher.submit(r) for r in requests))
+            for latents, (logits,) in zip(requests, results, strict=True):
+                np.testing.assert_array_equal(logits, decode(latents)[0])
+            await batcher.close()
+    assert sum(recorder.runs) == 16

@@ -101,7 +101,7 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
             f"{path}: {problem}: header says shape {list(shape)} ({expected} bytes), "
             f"file has {len(data)} bytes"
         )
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape).copy()  # writable
 
 
 def _find(directory: Path, stem: str) -> Path:

@@ -64,6 +64,43 @@ bench-quality: install
 clean-models:
 	rm -rf $(MODEL_REPO)/$(MODEL_NAME) $(RUN_DIR)
 
+# ---- Peers (benchmark only, bench/peers/README.md) ----
+# Triton through PyTriton and Seldon MLServer serve the same decoder.onnx, each from its own venv
+# (never the project's); `make bench-peers` drives both and writes bench/results/peers.json.
+PEERS := bench/peers
+PEERS_PYTHON ?= $(PYTHON)
+PEERS_MODEL_DIR ?=
+PEERS_ARGS ?= --duration 5 --warmup 1
+
+.PHONY: peers bench-peers
+
+peers: $(PEERS)/.venv-triton/perf-libs $(PEERS)/.venv-mlserver/.installed \
+	$(PEERS)/v2/grpc_predict_v2_pb2.py
+
+$(PEERS)/.venv-%/.installed: $(PEERS)/requirements-%.txt
+	rm -rf $(PEERS)/.venv-$*
+	$(PEERS_PYTHON) -m venv $(PEERS)/.venv-$*
+	$(PEERS)/.venv-$*/bin/pip install -q -r $<
+	touch $@
+
+# perf_analyzer (tritonclient wheel) finds two of its libraries in the PyTriton wheel.
+$(PEERS)/.venv-triton/perf-libs: $(PEERS)/.venv-triton/.installed
+	mkdir -p $@
+	libs=$$(echo $(PEERS)/.venv-triton/lib/python3*/site-packages/nvidia_pytriton.libs) && \
+	ln -sf "$$(realpath $$libs/libb64-*.so.0d)" $@/libb64.so.0d && \
+	ln -sf "$$(realpath $$libs/libcudart-*.so.12.*)" $@/libcudart.so.12
+	touch $@
+
+$(PEERS)/v2/grpc_predict_v2_pb2.py: $(PEERS)/v2/grpc_predict_v2.proto | $(VENV)/.installed
+	PATH=$(BIN):$$PATH $(PY) -m grpc_tools.protoc -I$(PEERS) --python_out=$(PEERS) \
+		--grpc_python_out=$(PEERS) --mypy_out=$(PEERS) --mypy_grpc_out=$(PEERS) $<
+
+# PEERS_MODEL_DIR=<repo>/<name>/<version> serves that version; else the newest of `make model`.
+bench-peers: peers $(if $(PEERS_MODEL_DIR),,model)
+	$(PY) $(PEERS)/run_peers.py \
+		$(or $(PEERS_MODEL_DIR),$$(ls -d $(MODEL_REPO)/$(MODEL_NAME)/*/ | sort -V | tail -1)) \
+		$(PEERS_ARGS)
+
 # ---- Containers and Kubernetes (deploy/README.md) ----
 CONTAINER_ENGINE ?= docker
 KUBECTL ?= kubectl

@@ -57,33 +57,41 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     def _wrap(self, behavior: Handler, method: str) -> Handler:
         metrics = self.metrics
 
+        def done(code: grpc.StatusCode, start: float) -> None:
+            # Recorded before the status is sent, so a caller that scrapes right after its
+            # call returns sees it counted.
+            metrics.in_flight.dec()
+            metrics.requests.labels(method, code.name).inc()
+            metrics.request_seconds.labels(method).observe(time.perf_counter() - start)
+
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
-            code = grpc.StatusCode.OK
             metrics.in_flight.inc()
             try:
                 if not self.ready.is_set():
                     raise Unavailable("the model is still warming up; retry shortly")
-                return await behavior(request, context)
+                response = await behavior(request, context)
             except ServiceError as e:
-                code = e.code
-                await context.abort(e.code, str(e))
+                code, message = e.code, str(e)
             except asyncio.CancelledError:
                 # The caller went away or its deadline passed: nothing is sent back.
                 remaining = context.time_remaining()
                 expired = remaining is not None and remaining <= 0
-                code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+                done(
+                    grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED,
+                    start,
+                )
                 raise
-            except grpc.aio.AbortError:
-                code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[attr-defined]
+            except grpc.aio.AbortError:  # a handler that aborted by itself
+                done(context.code() or grpc.StatusCode.UNKNOWN, start)  # type: ignore[attr-defined]
                 raise
             except Exception:
                 log.exception("%s failed", method)
-                code = grpc.StatusCode.INTERNAL
-                await context.abort(code, INTERNAL_MESSAGE)
-            finally:
-                metrics.in_flight.dec()
-                metrics.requests.labels(method, code.name).inc()
-                metrics.request_seconds.labels(method).observe(time.perf_counter() - start)
+                code, message = grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+            else:
+                done(grpc.StatusCode.OK, start)
+                return response
+            done(code, start)
+            await context.abort(code, message)
 
         return handle

@@ -91,6 +91,7 @@ class Service:
     port: int
     metrics_server: WSGIServer | None
     metrics_port: int | None
+    stopped: bool = False
 
     @classmethod
     async def start(cls, settings: Settings) -> Service:
@@ -132,6 +133,9 @@ class Service:
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING at once; refuse new calls; let in-flight ones finish within `grace`
         (settings.grace_period by default); then release the threads and the metrics port."""
+        if self.stopped:
+            return
+        self.stopped = True
         grace = self.settings.grace_period if grace is None else grace
         log.info("shutting down: NOT_SERVING, in-flight calls get up to %.1f s", grace)
         await self.health.enter_graceful_shutdown()

@@ -1,103 +1,21 @@
-"""The real object graph in process: Settings -> Runtime -> Service (grpc.aio server, health,
-reflection, metrics HTTP) on port 0, its event loop in a background thread, real stubs."""
+"""Fixtures: the tiny model served in process for the whole session, a channel and a stub."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
-import urllib.request
-from collections.abc import Coroutine, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from service_harness import Served, open_channel, running, tiny_settings
 
 from service.proto.vae.v1 import vae_pb2_grpc
-from service.server import Service
-from service.settings import Settings
-
-T = TypeVar("T")
-MAX_MESSAGE = 64 * 1024 * 1024
-
-
-class BackgroundLoop:
-    """An asyncio event loop running in a daemon thread (the server's home in tests)."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
-@dataclass
-class Served:
-    service: Service
-    background: BackgroundLoop
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.service.port}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.service.metrics_port}/metrics"
-
-
-def tiny_settings(tiny_model: Path, **overrides: Any) -> Settings:
-    """Settings serving the tiny model (its version directory) on free local ports."""
-    values: dict[str, Any] = {
-        "model_repo": tiny_model.parent.parent,
-        "model_name": tiny_model.parent.name,
-        "host": "127.0.0.1",
-        "port": 0,
-        "metrics_host": "127.0.0.1",
-        "metrics_port": 0,
-        "provider": "cpu",
-        "inference_workers": 2,
-        "grace_period": 5.0,
-    }
-    return Settings(**{**values, **overrides})
-
-
-@contextmanager
-def running(settings: Settings) -> Iterator[Served]:
-    background = BackgroundLoop()
-    try:
-        service = background.run(Service.start(settings))
-        try:
-            yield Served(service, background)
-        finally:
-            background.run(service.stop(grace=1.0))
-    finally:
-        background.close()
 
 
 @pytest.fixture(scope="session")
 def served(tiny_model: Path) -> Iterator[Served]:
     with running(tiny_settings(tiny_model)) as s:
         yield s
-
-
-def open_channel(target: str) -> grpc.Channel:
-    return grpc.insecure_channel(
-        target,
-        options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE),
-            ("grpc.max_receive_message_length", MAX_MESSAGE),
-        ],
-    )
 
 
 @pytest.fixture(scope="session")
@@ -109,18 +27,3 @@ def channel(served: Served) -> Iterator[grpc.Channel]:
 @pytest.fixture(scope="session")
 def stub(channel: grpc.Channel) -> vae_pb2_grpc.VaeServiceStub:
     return vae_pb2_grpc.VaeServiceStub(channel)
-
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def scrape(url: str) -> Samples:
-    """Every sample of the /metrics page, keyed by (name, sorted labels), parsed by
-    prometheus_client's own text-format parser."""
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }

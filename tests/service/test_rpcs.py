@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 import pytest
@@ -35,7 +36,7 @@ def png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def sample(stub: Stub, **fields: object) -> vae_pb2.SampleResponse:
+def sample(stub: Stub, **fields: Any) -> vae_pb2.SampleResponse:
     return stub.Sample(vae_pb2.SampleRequest(**fields), timeout=30)
 
 

@@ -1,0 +1,183 @@
+"""vae-serve as a process: refuses a bad model or an impossible provider with a clear message
+and exit code 1; on SIGTERM it drains in-flight calls, loses none, and exits 0."""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from service_harness import open_channel, scrape, tiny_settings
+
+from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
+from service.runtime import CUDA, ProviderError, Runtime
+
+SERVING_LINE = re.compile(r"SERVING .* on port (\d+) \(metrics: port (\d+)\) after ([\d.]+) s")
+
+
+def vae_serve(repo: Path, *flags: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "service",
+        f"--model-repo={repo}",
+        "--model=tiny-vae",
+        "--host=127.0.0.1",
+        "--port=0",
+        "--metrics-host=127.0.0.1",
+        "--metrics-port=0",
+        *flags,
+    ]
+
+
+def refuses(repo: Path, *flags: str) -> str:
+    """Run vae-serve, expect exit code 1, return its stderr."""
+    done = subprocess.run(vae_serve(repo, *flags), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    return done.stderr
+
+
+def copy_repo(tiny_model: Path, tmp_path: Path) -> Path:
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_model.parent.parent, repo)
+    return repo
+
+
+def test_tampered_model_refuses_to_start(tiny_model: Path, tmp_path: Path) -> None:
+    repo = copy_repo(tiny_model, tmp_path)
+    decoder = repo / "tiny-vae" / "1" / "decoder.onnx"
+    data = bytearray(decoder.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the weights
+    decoder.write_bytes(bytes(data))
+    stderr = refuses(repo)
+    assert "cannot start" in stderr
+    assert "decoder.onnx: sha256" in stderr and "does not match the manifest" in stderr
+
+
+def test_missing_model_refuses_to_start(tmp_path: Path) -> None:
+    stderr = refuses(tmp_path)
+    assert "no model versions found" in stderr and "make model" in stderr
+
+
+def test_missing_version_refuses_to_start(tiny_model: Path) -> None:
+    stderr = refuses(tiny_model.parent.parent, "--version=7")
+    assert "version 7 not found (have [1])" in stderr
+
+
+def test_cuda_without_a_gpu_is_a_clear_start_up_error(tiny_model: Path) -> None:
+    done = subprocess.run(
+        vae_serve(tiny_model.parent.parent, "--provider=cuda", "--grace-period=0"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        input="",
+    )
+    if "SERVING" in done.stderr:  # pragma: no cover - a machine with a working GPU
+        pytest.skip("CUDA works here")
+    assert done.returncode == 1, done.stderr
+    assert "provider 'cuda' was requested but ONNX Runtime cannot use CUDA here" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_auto_falls_back_to_the_cpu_with_a_warning(
+    tiny_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="service.runtime"):
+        runtime = Runtime.load(tiny_settings(tiny_model, provider="auto"))
+    runtime.close()
+    if CUDA in runtime.info.providers:  # pragma: no cover - a machine with a working GPU
+        pytest.skip("CUDA works here")
+    assert runtime.info.providers == ("CPUExecutionProvider",)
+    assert any("CUDA is not usable here" in r.message for r in caplog.records)
+
+
+def test_cuda_is_refused_in_process_too(tiny_model: Path) -> None:
+    try:
+        runtime = Runtime.load(tiny_settings(tiny_model, provider="cuda"))
+    except ProviderError as e:
+        assert "Use --provider auto or cpu" in str(e)
+    else:  # pragma: no cover - a machine with a working GPU
+        runtime.close()
+        pytest.skip("CUDA works here")
+
+
+@dataclass
+class Process:
+    popen: subprocess.Popen[str]
+    port: int
+    metrics_port: int
+    start_seconds: float
+    log: list[str]
+
+
+@pytest.fixture
+def server_process(tiny_model: Path) -> Iterator[Process]:
+    popen = subprocess.Popen(
+        vae_serve(tiny_model.parent.parent, "--grace-period=30", "--provider=cpu"),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert popen.stderr is not None
+    log: list[str] = []
+    deadline = time.monotonic() + 60
+    match = None
+    while match is None and time.monotonic() < deadline:
+        line = popen.stderr.readline()
+        if not line:
+            break
+        log.append(line)
+        match = SERVING_LINE.search(line)
+    assert match, "".join(log)
+    stderr = popen.stderr
+    drain = threading.Thread(target=lambda: log.extend(stderr), daemon=True)
+    drain.start()
+    try:
+        yield Process(popen, int(match[1]), int(match[2]), float(match[3]), log)
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+        popen.wait(10)
+        drain.join(10)
+
+
+def test_sigterm_with_calls_in_flight_loses_none(server_process: Process) -> None:
+    calls = 6
+    metrics_url = f"http://127.0.0.1:{server_process.metrics_port}/metrics"
+    with open_channel(f"127.0.0.1:{server_process.port}") as channel:
+        stub = vae_pb2_grpc.VaeServiceStub(channel)
+        # 4096 PNG images a call: about 0.2 s of work each, on 2 inference threads
+        request = vae_pb2.SampleRequest(count=4096, seed=1, format=vae_pb2.IMAGE_FORMAT_PNG)
+        with ThreadPoolExecutor(calls) as pool:
+            futures = [pool.submit(stub.Sample, request, timeout=60) for _ in range(calls)]
+            deadline = time.monotonic() + 30
+            while scrape(metrics_url)[("vae_requests_in_flight", ())] < calls:
+                assert time.monotonic() < deadline, "the calls never were all in flight"
+                time.sleep(0.005)
+            server_process.popen.send_signal(signal.SIGTERM)
+            assert not all(f.done() for f in futures)
+            while not any("shutting down" in line for line in server_process.log):
+                assert time.monotonic() < deadline, "SIGTERM was not acted on"
+                time.sleep(0.005)
+            late = open_channel(f"127.0.0.1:{server_process.port}")
+            with late, pytest.raises(grpc.RpcError) as refused:
+                vae_pb2_grpc.VaeServiceStub(late).GetModelInfo(
+                    vae_pb2.GetModelInfoRequest(), timeout=5
+                )
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+            replies = [f.result() for f in futures]
+    assert [len(r.images.png) for r in replies] == [4096] * calls
+    assert server_process.popen.wait(30) == 0
+    log = "".join(server_process.log)
+    assert "shutting down: NOT_SERVING" in log and "stopped" in log

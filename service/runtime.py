@@ -197,6 +197,11 @@ class Runtime:
     def latent_size(self) -> int:
         return self.info.latent_size
 
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        """The inference thread pool (a batcher in front of the runtime runs on it too)."""
+        return self._executor
+
     # Synchronous inference: called in the worker threads.
 
     def _timed_run(

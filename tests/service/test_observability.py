@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +104,22 @@ def test_shutdown_reports_not_serving_at_once(tiny_model: Path) -> None:
         stopping.join(10)
         assert not stopping.is_alive()
     assert statuses == [SERVING, NOT_SERVING]
+
+
+def test_calls_past_their_deadline_are_counted_once(
+    served: Served, stub: vae_pb2_grpc.VaeServiceStub
+) -> None:
+    key = ("vae_requests_total", (("code", "DEADLINE_EXCEEDED"), ("method", "Sample")))
+    before = scrape(served.metrics_url).get(key, 0.0)
+    slow = vae_pb2.SampleRequest(count=4096, format=vae_pb2.IMAGE_FORMAT_PNG)  # about 0.2 s
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Sample(slow, timeout=0.02)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 10
+    while (after := scrape(served.metrics_url)).get(key, 0.0) == before:
+        assert time.monotonic() < deadline, "the expired call was never counted"
+        time.sleep(0.01)
+    assert after[key] == before + 1
+    while scrape(served.metrics_url)[("vae_requests_in_flight", ())] != 0:
+        assert time.monotonic() < deadline, "the expired call stayed in flight"
+        time.sleep(0.01)

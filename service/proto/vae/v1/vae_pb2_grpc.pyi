@@ -12,6 +12,12 @@ Limits (server settings):
 - gRPC messages up to `max_message_bytes` each way (default 64 MiB, raised from gRPC's 4 MiB
   so the largest request and reply fit: 4096 float32 images are 12.8 MB).
 
+Seeds: every random draw (Sample's z, Encode's eps, IMAGE_FORMAT_BINARY's pixels) comes from
+the request's seed, one independent stream per purpose; a request without a seed gets one
+from the server, returned in the reply. The same request with the same seed gives the same
+result bit for bit on the same model version, and a row's draws never depend on the other
+rows or requests: the first k images of Sample(count=n, seed=s) are Sample(count=k, seed=s).
+
 Errors: bad input is answered INVALID_ARGUMENT with a message naming the field and what was
 expected; a server that is starting or draining answers UNAVAILABLE; a full queue answers
 RESOURCE_EXHAUSTED; a call whose deadline has passed is not computed (DEADLINE_EXCEEDED).

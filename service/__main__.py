@@ -1,7 +1,8 @@
 """vae-serve: settings from `VAE_*` environment variables and CLI flags, logging, then serve.
 
 A model that is missing, tampered with or inconsistent, a provider that cannot run, or a port
-that is taken ends the process with exit code 1 and a one-line reason, not a traceback.
+that is taken ends the process with exit code 1 and a one-line reason, not a traceback;
+invalid settings end it with exit code 2 and pydantic's description of each.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from pydantic import ValidationError
 from pydantic_settings import CliApp, CliSettingsSource
 
 from export.manifest import ModelError
@@ -38,9 +40,13 @@ def parse_settings(argv: Sequence[str]) -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = parse_settings(sys.argv[1:] if argv is None else argv)
+    try:
+        settings = parse_settings(sys.argv[1:] if argv is None else argv)
+    except ValidationError as e:
+        print(f"vae-serve: invalid settings: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(
-        level=settings.log_level.upper(),
+        level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     log.info("settings: %s", settings.model_dump_json())

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_PORT = 50051
@@ -71,5 +71,10 @@ class Settings(BaseSettings):
     """Seconds before the server asks a client to reconnect (rebalances after scale-out);
     0 turns it off."""
 
-    log_level: str = "INFO"
-    """Python logging level: DEBUG, INFO, WARNING, ERROR."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    """Python logging level (any case)."""
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_case_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value

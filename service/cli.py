@@ -62,12 +62,12 @@ def grey(images: np.ndarray | list[bytes], image_format: str) -> np.ndarray:
 def show(result: Images, args: argparse.Namespace, what: str) -> None:
     images = grey(result.images, args.format)
     out, columns = args.out, args.columns
-    seed = f" (seed {result.seed})"
+    count = f"{len(images)} image{'s' if len(images) != 1 else ''} (seed {result.seed})"
     if out is not None:
         width, height = write_grid(images, out, columns)
-        print(f"{what}: {len(images)} images{seed} -> {out} ({width}x{height} px grid)")
+        print(f"{what}: {count} -> {out} ({width}x{height} px grid)")
         return
-    print(f"{what}: {len(images)} images{seed}; the first {min(len(images), 3)}:")
+    print(f"{what}: {count}; " + ("the first 3:" if len(images) > 3 else "preview:"))
     for image in images[:3]:
         print(ascii_art(image) + "\n")
 

@@ -173,7 +173,7 @@ def test_cli_encode_then_decode(
     assert Image.open(out).size == (2 * 30 + 2, 2 * 30 + 2)  # 3 tiles: a 2x2 grid
     assert cli.main([*target, "decode", "--z", "0,0,0,0"]) == 0  # ASCII preview
     printed = capsys.readouterr().out
-    assert "digit0.png" in printed and "sigma" in printed and "decoded: 1 images" in printed
+    assert "digit0.png" in printed and "sigma" in printed and "decoded: 1 image (seed" in printed
 
 
 def test_cli_reports_errors_readably(served: Served, capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,17 +4,19 @@ isort:skip_file
 The vae-serve API: a variational autoencoder on 28x28 greyscale images.
 
 Tensors travel as raw little-endian, row-major bytes with their shape and dtype (the fast
-path of the Open Inference Protocol's raw contents), never as repeated floats.
+path of the Open Inference Protocol's raw contents), never as repeated floats (Score's few
+numbers per image are the one exception: repeated doubles).
 
 Limits (server settings):
 - At most `max_items_per_request` images or latents per request (default 4096): Sample.count,
-  the N of Encode and Decode, and N * samples_per_image for Encode.
+  the N of Encode and Decode, N * samples_per_image for Encode, Interpolate.steps, and
+  N * max(importance_samples, 1) for Score.
 - gRPC messages up to `max_message_bytes` each way (default 64 MiB, raised from gRPC's 4 MiB
   so the largest request and reply fit: 4096 float32 images are 12.8 MB).
 
-Seeds: every random draw (Sample's z, Encode's eps, IMAGE_FORMAT_BINARY's pixels) comes from
-the request's seed, one independent stream per purpose; a request without a seed gets one
-from the server, returned in the reply. The same request with the same seed gives the same
+Seeds: every random draw (Sample's z, Encode's and Score's eps, IMAGE_FORMAT_BINARY's pixels)
+comes from the request's seed, one independent stream per purpose; a request without a seed
+gets one from the server, returned in the reply. The same request with the same seed gives the same
 result bit for bit on the same model version, and a row's draws never depend on the other
 rows or requests: the first k images of Sample(count=n, seed=s) are Sample(count=k, seed=s).
 
@@ -87,6 +89,39 @@ IMAGE_FORMAT_BINARY: ImageFormat.ValueType  # 3
 IMAGE_FORMAT_PNG: ImageFormat.ValueType  # 4
 """One 8-bit greyscale 28x28 PNG file per image (of the grey image); for small counts."""
 Global___ImageFormat: _TypeAlias = ImageFormat  # noqa: Y015
+
+class _InterpolationPath:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _InterpolationPathEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_InterpolationPath.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    INTERPOLATION_PATH_UNSPECIFIED: _InterpolationPath.ValueType  # 0
+    """Same as INTERPOLATION_PATH_LINEAR."""
+    INTERPOLATION_PATH_LINEAR: _InterpolationPath.ValueType  # 1
+    """z(t) = (1 - t) * start + t * end."""
+    INTERPOLATION_PATH_SPHERICAL: _InterpolationPath.ValueType  # 2
+    """Spherical: the direction moves along the great circle from start's to end's (slerp) while
+    the norm moves linearly from |start| to |end|, so no point falls inside the ball where the
+    prior has little mass (the midpoint of a linear path between two typical latents is
+    shorter than both). Near-parallel directions fall back to the linear path; opposite ones
+    turn through a fixed perpendicular direction.
+    """
+
+class InterpolationPath(_InterpolationPath, metaclass=_InterpolationPathEnumTypeWrapper): ...
+
+INTERPOLATION_PATH_UNSPECIFIED: InterpolationPath.ValueType  # 0
+"""Same as INTERPOLATION_PATH_LINEAR."""
+INTERPOLATION_PATH_LINEAR: InterpolationPath.ValueType  # 1
+"""z(t) = (1 - t) * start + t * end."""
+INTERPOLATION_PATH_SPHERICAL: InterpolationPath.ValueType  # 2
+"""Spherical: the direction moves along the great circle from start's to end's (slerp) while
+the norm moves linearly from |start| to |end|, so no point falls inside the ball where the
+prior has little mass (the midpoint of a linear path between two typical latents is
+shorter than both). Near-parallel directions fall back to the linear path; opposite ones
+turn through a fixed perpendicular direction.
+"""
+Global___InterpolationPath: _TypeAlias = InterpolationPath  # noqa: Y015
 
 @_typing.final
 class Tensor(_message.Message):
@@ -471,3 +506,207 @@ class ModelInfo(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
+
+@_typing.final
+class Endpoint(_message.Message):
+    """One end of an interpolation: an image, encoded to the mean of q(z|x), or a latent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGE_FIELD_NUMBER: _builtins.int
+    LATENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def image(self) -> Global___ImageInput:
+        """Exactly one image (a [1, 784] or [1, 28, 28] tensor, or one PNG file)."""
+
+    @_builtins.property
+    def latent(self) -> Global___Tensor:
+        """float32 [latent_size] or [1, latent_size], finite."""
+
+    def __init__(
+        self,
+        *,
+        image: Global___ImageInput | None = ...,
+        latent: Global___Tensor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "image", b"image", "latent", b"latent"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "image", b"image", "latent", b"latent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_endpoint: _TypeAlias = _typing.Literal["image", "latent"]  # noqa: Y015
+    _WhichOneofArgType_endpoint: _TypeAlias = _typing.Literal["endpoint", b"endpoint"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_endpoint) -> _WhichOneofReturnType_endpoint | None: ...
+
+Global___Endpoint: _TypeAlias = Endpoint  # noqa: Y015
+
+@_typing.final
+class InterpolateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    RETURN_LATENTS_FIELD_NUMBER: _builtins.int
+    steps: _builtins.int
+    """Points on the path, both endpoints included (t = i / (steps - 1)): 2 to
+    max_items_per_request; 0 and 1 are INVALID_ARGUMENT.
+    """
+    path: Global___InterpolationPath.ValueType
+    format: Global___ImageFormat.ValueType
+    seed: _builtins.int
+    """Seed for IMAGE_FORMAT_BINARY draws; unset: the server picks one and returns it."""
+    return_latents: _builtins.bool
+    """Also return the latents of the path."""
+    @_builtins.property
+    def start(self) -> Global___Endpoint: ...
+    @_builtins.property
+    def end(self) -> Global___Endpoint: ...
+    def __init__(
+        self,
+        *,
+        start: Global___Endpoint | None = ...,
+        end: Global___Endpoint | None = ...,
+        steps: _builtins.int = ...,
+        path: Global___InterpolationPath.ValueType = ...,
+        format: Global___ImageFormat.ValueType = ...,
+        seed: _builtins.int | None = ...,
+        return_latents: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "end", b"end", "seed", b"seed", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "end", b"end", "format", b"format", "path", b"path", "return_latents", b"return_latents", "seed", b"seed", "start", b"start", "steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+
+Global___InterpolateRequest: _TypeAlias = InterpolateRequest  # noqa: Y015
+
+@_typing.final
+class InterpolateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGES_FIELD_NUMBER: _builtins.int
+    LATENTS_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    seed: _builtins.int
+    @_builtins.property
+    def images(self) -> Global___ImageOutput:
+        """`steps` images, from start to end."""
+
+    @_builtins.property
+    def latents(self) -> Global___Tensor:
+        """float32 [steps, latent_size], when return_latents was set."""
+
+    def __init__(
+        self,
+        *,
+        images: Global___ImageOutput | None = ...,
+        latents: Global___Tensor | None = ...,
+        seed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "latents", b"latents"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "latents", b"latents", "seed", b"seed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InterpolateResponse: _TypeAlias = InterpolateResponse  # noqa: Y015
+
+@_typing.final
+class ScoreRequest(_message.Message):
+    """Scores of images under the model, in nats per image (natural log; divide by 784 * ln 2 for
+    bits per pixel). Pixel intensities x in [0, 1] are the targets of the decoder's Bernoullis:
+    log p(x|z) = sum over pixels of x log p + (1 - x) log(1 - p). For binary images this is the
+    likelihood the model was trained and evaluated on (the manifest's metrics are on binarized
+    test digits); grey images get a score on the same scale that ranks them consistently, but it
+    is not a probability of the grey image.
+
+    With m = max(importance_samples, 1) draws z_1..z_m from q(z|x) (the samples Encode returns
+    for the same images, samples_per_image = m and seed) and log weights
+    log w_i = log p(x|z_i) + log p(z_i) - log q(z_i|x):
+    - negative_elbo = -mean_i log w_i = reconstruction + kl, an upper bound on -log p(x) in
+      expectation, with reconstruction = -mean_i log p(x|z_i) and
+      kl = mean_i [log q(z_i|x) - log p(z_i)] (a Monte Carlo estimate of KL(q(z|x) || p(z)));
+    - iw_nll = -log mean_i w_i (Burda et al., 2016), when importance_samples > 0: tighter, and at
+      most negative_elbo for every image, since both use the same draws (Jensen's inequality).
+    Higher means less typical of the training data. To flag anomalies, score held-out normal
+    data with the same importance_samples and take a high percentile (e.g. the 99th) of its
+    scores as the threshold: that percentile is the share of normal images let through.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGES_FIELD_NUMBER: _builtins.int
+    IMPORTANCE_SAMPLES_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    importance_samples: _builtins.int
+    """k: 0 scores the negative ELBO from one draw per image; k > 0 uses k draws for both
+    estimates and adds iw_nll. N * max(k, 1) is at most max_items_per_request.
+    """
+    seed: _builtins.int
+    """Seed for the draws; unset: the server picks one and returns it."""
+    @_builtins.property
+    def images(self) -> Global___ImageInput: ...
+    def __init__(
+        self,
+        *,
+        images: Global___ImageInput | None = ...,
+        importance_samples: _builtins.int = ...,
+        seed: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "images", b"images", "seed", b"seed"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "images", b"images", "importance_samples", b"importance_samples", "seed", b"seed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+
+Global___ScoreRequest: _TypeAlias = ScoreRequest  # noqa: Y015
+
+@_typing.final
+class ScoreResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NEGATIVE_ELBO_FIELD_NUMBER: _builtins.int
+    RECONSTRUCTION_FIELD_NUMBER: _builtins.int
+    KL_FIELD_NUMBER: _builtins.int
+    IW_NLL_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    samples: _builtins.int
+    """The draws per image behind the estimates: max(importance_samples, 1)."""
+    seed: _builtins.int
+    @_builtins.property
+    def negative_elbo(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """One value per image, in nats, in request order."""
+
+    @_builtins.property
+    def reconstruction(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def kl(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def iw_nll(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Empty when importance_samples was 0."""
+
+    def __init__(
+        self,
+        *,
+        negative_elbo: _abc.Iterable[_builtins.float] | None = ...,
+        reconstruction: _abc.Iterable[_builtins.float] | None = ...,
+        kl: _abc.Iterable[_builtins.float] | None = ...,
+        iw_nll: _abc.Iterable[_builtins.float] | None = ...,
+        samples: _builtins.int = ...,
+        seed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["iw_nll", b"iw_nll", "kl", b"kl", "negative_elbo", b"negative_elbo", "reconstruction", b"reconstruction", "samples", b"samples", "seed", b"seed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScoreResponse: _TypeAlias = ScoreResponse  # noqa: Y015

@@ -54,6 +54,16 @@ class VaeServiceStub:
                 request_serializer=service_dot_proto_dot_vae_dot_v1_dot_vae__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=service_dot_proto_dot_vae_dot_v1_dot_vae__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.Interpolate = channel.unary_unary(
+                '/vae.v1.VaeService/Interpolate',
+                request_serializer=service_dot_proto_dot_vae_dot_v1_dot_vae__pb2.InterpolateRequest.SerializeToString,
+                response_deserializer=service_dot_proto_dot_vae_dot_v1_dot_vae__pb2.InterpolateResponse.FromString,
+                _registered_method=True)
+        self.Score = channel.unary_unary(
+                '/vae.v1.VaeService/Score',
+                request_serializer=service_dot_proto_dot_vae_dot_v1_dot_vae__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=service_dot_proto_dot_vae_dot_v1_dot_vae__pb2.ScoreResponse.FromString,
+                _registered_method=True)
 
 
 class VaeServiceServicer:
@@ -87,6 +97,21 @@ class VaeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Interpolate(self, request, context):
+        """A path of `steps` latents between two endpoints (images or latents), decoded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Score(self, request, context):
+        """Per image: the negative ELBO (reconstruction + KL) and optionally the importance-weighted
+        estimate of -log p(x), in nats: the standard VAE anomaly score.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VaeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +134,16 @@ def add_VaeServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=service_dot_proto_dot_vae_dot_v1_dot_vae__pb2.GetModelInfoRequest.FromString,
                     response_serializer=service_dot_proto_dot_vae_dot_v1_dot_vae__pb2.ModelInfo.SerializeToString,
+            ),
+            'Interpolate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Interpolate,
+                    request_deserializer=service_dot_proto_dot_vae_dot_v1_dot_vae__pb2.InterpolateRequest.FromString,
+                    response_serializer=service_dot_proto_dot_vae_dot_v1_dot_vae__pb2.InterpolateResponse.SerializeToString,
+            ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=service_dot_proto_dot_vae_dot_v1_dot_vae__pb2.ScoreRequest.FromString,
+                    response_serializer=service_dot_proto_dot_vae_dot_v1_dot_vae__pb2.ScoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +254,60 @@ class VaeService:
             '/vae.v1.VaeService/GetModelInfo',
             service_dot_proto_dot_vae_dot_v1_dot_vae__pb2.GetModelInfoRequest.SerializeToString,
             service_dot_proto_dot_vae_dot_v1_dot_vae__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Interpolate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vae.v1.VaeService/Interpolate',
+            service_dot_proto_dot_vae_dot_v1_dot_vae__pb2.InterpolateRequest.SerializeToString,
+            service_dot_proto_dot_vae_dot_v1_dot_vae__pb2.InterpolateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vae.v1.VaeService/Score',
+            service_dot_proto_dot_vae_dot_v1_dot_vae__pb2.ScoreRequest.SerializeToString,
+            service_dot_proto_dot_vae_dot_v1_dot_vae__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,

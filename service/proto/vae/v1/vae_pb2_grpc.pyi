@@ -4,17 +4,19 @@ isort:skip_file
 The vae-serve API: a variational autoencoder on 28x28 greyscale images.
 
 Tensors travel as raw little-endian, row-major bytes with their shape and dtype (the fast
-path of the Open Inference Protocol's raw contents), never as repeated floats.
+path of the Open Inference Protocol's raw contents), never as repeated floats (Score's few
+numbers per image are the one exception: repeated doubles).
 
 Limits (server settings):
 - At most `max_items_per_request` images or latents per request (default 4096): Sample.count,
-  the N of Encode and Decode, and N * samples_per_image for Encode.
+  the N of Encode and Decode, N * samples_per_image for Encode, Interpolate.steps, and
+  N * max(importance_samples, 1) for Score.
 - gRPC messages up to `max_message_bytes` each way (default 64 MiB, raised from gRPC's 4 MiB
   so the largest request and reply fit: 4096 float32 images are 12.8 MB).
 
-Seeds: every random draw (Sample's z, Encode's eps, IMAGE_FORMAT_BINARY's pixels) comes from
-the request's seed, one independent stream per purpose; a request without a seed gets one
-from the server, returned in the reply. The same request with the same seed gives the same
+Seeds: every random draw (Sample's z, Encode's and Score's eps, IMAGE_FORMAT_BINARY's pixels)
+comes from the request's seed, one independent stream per purpose; a request without a seed
+gets one from the server, returned in the reply. The same request with the same seed gives the same
 result bit for bit on the same model version, and a row's draws never depend on the other
 rows or requests: the first k images of Sample(count=n, seed=s) are Sample(count=k, seed=s).
 
@@ -59,6 +61,12 @@ class VaeServiceStub:
     """New images from z ~ N(0, temperature^2 I)."""
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_vae_pb2.GetModelInfoRequest, _vae_pb2.ModelInfo]
     """What is being served."""
+    Interpolate: _grpc.UnaryUnaryMultiCallable[_vae_pb2.InterpolateRequest, _vae_pb2.InterpolateResponse]
+    """A path of `steps` latents between two endpoints (images or latents), decoded."""
+    Score: _grpc.UnaryUnaryMultiCallable[_vae_pb2.ScoreRequest, _vae_pb2.ScoreResponse]
+    """Per image: the negative ELBO (reconstruction + KL) and optionally the importance-weighted
+    estimate of -log p(x), in nats: the standard VAE anomaly score.
+    """
 
 @_typing.type_check_only
 class VaeServiceAsyncStub(VaeServiceStub):
@@ -71,6 +79,12 @@ class VaeServiceAsyncStub(VaeServiceStub):
     """New images from z ~ N(0, temperature^2 I)."""
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_vae_pb2.GetModelInfoRequest, _vae_pb2.ModelInfo]  # type: ignore[assignment]
     """What is being served."""
+    Interpolate: _aio.UnaryUnaryMultiCallable[_vae_pb2.InterpolateRequest, _vae_pb2.InterpolateResponse]  # type: ignore[assignment]
+    """A path of `steps` latents between two endpoints (images or latents), decoded."""
+    Score: _aio.UnaryUnaryMultiCallable[_vae_pb2.ScoreRequest, _vae_pb2.ScoreResponse]  # type: ignore[assignment]
+    """Per image: the negative ELBO (reconstruction + KL) and optionally the importance-weighted
+    estimate of -log p(x), in nats: the standard VAE anomaly score.
+    """
 
 class VaeServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -104,5 +118,23 @@ class VaeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_vae_pb2.ModelInfo, _abc.Awaitable[_vae_pb2.ModelInfo]]:
         """What is being served."""
+
+    @_abc_1.abstractmethod
+    def Interpolate(
+        self,
+        request: _vae_pb2.InterpolateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vae_pb2.InterpolateResponse, _abc.Awaitable[_vae_pb2.InterpolateResponse]]:
+        """A path of `steps` latents between two endpoints (images or latents), decoded."""
+
+    @_abc_1.abstractmethod
+    def Score(
+        self,
+        request: _vae_pb2.ScoreRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vae_pb2.ScoreResponse, _abc.Awaitable[_vae_pb2.ScoreResponse]]:
+        """Per image: the negative ELBO (reconstruction + KL) and optionally the importance-weighted
+        estimate of -log p(x), in nats: the standard VAE anomaly score.
+        """
 
 def add_VaeServiceServicer_to_server(servicer: VaeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

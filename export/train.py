@@ -70,9 +70,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise SystemExit(f"{path}: not a loadable checkpoint: {e}") from e
-    missing = {"format", "config", "model", "epoch", "history", "data", "settings"} - set(state)
-    if not isinstance(state, dict) or missing:
-        raise SystemExit(f"{path}: not a vae-train checkpoint (missing {sorted(missing)})")
+    required = {"format", "config", "model", "epoch", "history", "data", "settings"}
+    if not isinstance(state, dict) or not required <= set(state):
+        raise SystemExit(f"{path}: not a vae-train checkpoint (it needs {sorted(required)})")
     return state
 
 
@@ -158,9 +158,9 @@ def train_epoch(
         with torch.no_grad():
             totals += torch.stack([loss.sum(), rec.sum(), kl.sum()]).double()
             seen = min((step + 1) * settings.batch_size, n)
-            if bar.disable is False and step % 10 == 0:
+            if not bar.disable and step % 10 == 0:
                 avg = (totals / seen).tolist()
-                bar.set_postfix(loss=f"{avg[0]:.2f}", rec=f"{avg[1]:.2f}", kl=f"{avg[2]:.2f}")
+                bar.set_postfix_str(f"loss {avg[0]:.2f}  rec {avg[1]:.2f}  kl {avg[2]:.2f}")
     loss_sum, rec_sum, kl_sum = (totals / n).tolist()
     return {"loss": loss_sum, "rec": rec_sum, "kl": kl_sum}
 
@@ -310,7 +310,7 @@ def training_summary(state: dict[str, Any]) -> dict[str, Any]:
         "epochs_trained": len(val),
         "best_epoch": int(np.argmin(val)) + 1 if val else 0,
         "best_validation_negative_elbo": min(val) if val else math.nan,
-        "seconds_per_epoch": float(np.mean(seconds)) if seconds else math.nan,
+        "seconds_per_epoch": float(np.median(seconds)) if seconds else math.nan,  # load spikes
         "training_seconds": float(np.sum(history.get("seconds", []))),
         "torch_version": state.get("torch_version", ""),
     }

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from export.data import DataError, Dataset, binarize, load_dataset
-from export.model import VAE, VAEConfig, negative_elbo
+from export.model import ACTIVATIONS, VAE, VAEConfig, negative_elbo
 
 CHECKPOINT_FORMAT = 1
 SAVE_SECONDS = 30.0  # write last.pt and best.pt at least this often, and after the last epoch
@@ -332,13 +332,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             default=None,
             help=f"default {f.default}",
         )
-    p.add_argument("--latent-size", type=int)
+    default = VAEConfig()
+    p.add_argument("--latent-size", type=int, help=f"default {default.latent_size}")
     p.add_argument(
         "--hidden-sizes",
         type=lambda s: tuple(int(w) for w in s.split(",")),
-        help="comma-separated encoder widths, e.g. 512,256",
+        help=f"comma-separated encoder widths, default {','.join(map(str, default.hidden_sizes))}",
     )
-    p.add_argument("--activation")
+    p.add_argument(
+        "--activation", choices=sorted(ACTIVATIONS), help=f"default {default.activation}"
+    )
     return p.parse_args(argv)
 
 

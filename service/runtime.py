@@ -2,9 +2,10 @@
 async inference run off the event loop. No gRPC here.
 
 `Runtime.encode(images [N, 784] float32) -> (mean, log_variance)` and
-`Runtime.decode(latents [N, latent] float32) -> probabilities [N, 784] float32` run in a thread
-pool sized by `settings.inference_workers`; ONNX Runtime releases the GIL, so the event loop
-keeps serving while they compute.
+`Runtime.decode(latents [N, latent] float32) -> probabilities [N, 784] float32` (and
+`decode_logits`, the logits before the sigmoid) run in a thread pool sized by
+`settings.inference_workers`; ONNX Runtime releases the GIL, so the event loop keeps serving
+while they compute.
 """
 
 from __future__ import annotations
@@ -220,8 +221,11 @@ class Runtime:
         return mean, log_variance
 
     def decode_sync(self, latents: np.ndarray) -> np.ndarray:
+        return sigmoid_(self.decode_logits_sync(latents))
+
+    def decode_logits_sync(self, latents: np.ndarray) -> np.ndarray:
         (logits,) = self._timed_run("decoder", self.decoder, None, {self._latent_input: latents})
-        return sigmoid_(logits)
+        return logits  # type: ignore[no-any-return]
 
     def warm_up(self) -> None:
         """Run both networks once per warm-up batch size (first runs allocate and plan)."""
@@ -247,6 +251,11 @@ class Runtime:
     async def decode(self, latents: np.ndarray) -> np.ndarray:
         """latents float32 [N, latent] -> Bernoulli probabilities float32 [N, 784]."""
         return await self.offload(self.decode_sync, latents)
+
+    async def decode_logits(self, latents: np.ndarray) -> np.ndarray:
+        """latents float32 [N, latent] -> the decoder's Bernoulli logits float32 [N, 784]
+        (what log-likelihoods are computed from: Score)."""
+        return await self.offload(self.decode_logits_sync, latents)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

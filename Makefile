@@ -47,7 +47,7 @@ test: model
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy export service tests
+	$(BIN)/mypy export service tests bench
 
 format: install
 	$(BIN)/ruff format .

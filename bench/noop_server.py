@@ -119,6 +119,16 @@ class NoopVaeService(vae_pb2_grpc.VaeServiceServicer):
             max_items_per_request=4096,
         )
 
+    async def Interpolate(
+        self, request: vae_pb2.InterpolateRequest, context: grpc.aio.ServicerContext
+    ) -> vae_pb2.InterpolateResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the no-op server has no Interpolate")
+
+    async def Score(
+        self, request: vae_pb2.ScoreRequest, context: grpc.aio.ServicerContext
+    ) -> vae_pb2.ScoreResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the no-op server has no Score")
+
 
 def create_server(address: str, latent_size: int = 32) -> tuple[grpc.aio.Server, int]:
     """A started-later server bound to `address` ("[::]:0" picks a port); returns the port."""

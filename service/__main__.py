@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from pydantic import ValidationError
 from pydantic_settings import CliApp, CliSettingsSource
@@ -39,6 +40,19 @@ def parse_settings(argv: Sequence[str]) -> Settings:
     return CliApp.run(Settings, cli_args=_expand_aliases(argv), cli_settings_source=source)
 
 
+def run(main: Coroutine[Any, Any, None], event_loop: str) -> None:
+    """Run the server on uvloop (measured faster for gRPC calls) or asyncio's own loop."""
+    if event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            log.warning("event_loop uvloop: uvloop is not installed; using asyncio's loop")
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = parse_settings(sys.argv[1:] if argv is None else argv)
@@ -51,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     log.info("settings: %s", settings.model_dump_json())
     try:
-        asyncio.run(serve(settings))
+        run(serve(settings), settings.event_loop)
     except (ModelError, ProviderError, StartupError) as e:
         log.error("cannot start: %s", e)
         return 1

@@ -10,12 +10,14 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TypeAlias, cast
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from service.errors import InvalidArgument
+from service.latent import Scores
 from service.proto.vae.v1 import vae_pb2
 from service.runtime import ModelInfo
 from service.sampling import bernoulli, to_uint8
@@ -233,4 +235,87 @@ def model_info_out(info: ModelInfo, max_items: int) -> vae_pb2.ModelInfo:
         providers=info.providers,
         metrics=info.metrics,
         max_items_per_request=max_items,
+    )
+
+
+# Interpolate and Score
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One end of an interpolation: an image to encode ([1, 784]) or a latent ([latent])."""
+
+    array: np.ndarray
+    is_image: bool
+
+
+def endpoint_in(
+    endpoint: vae_pb2.Endpoint, field: str, *, latent_size: int, limit: int
+) -> Endpoint:
+    kind = endpoint.WhichOneof("endpoint")
+    if kind == "image":
+        images = images_in(endpoint.image, f"{field}.image", limit=limit)
+        if images.shape[0] != 1:
+            raise InvalidArgument(
+                f"{field}.image", f"expected exactly one image, got {images.shape[0]}"
+            )
+        return Endpoint(images, is_image=True)
+    if kind == "latent":
+        sub = f"{field}.latent"
+        array = tensor_array(endpoint.latent, sub, limit=2**31)
+        if array.dtype != np.float32:
+            raise InvalidArgument(
+                f"{sub}.dtype",
+                f"expected DATA_TYPE_FLOAT32, got {vae_pb2.DataType.Name(endpoint.latent.dtype)}",
+            )
+        if list(array.shape) not in ([latent_size], [1, latent_size]):
+            raise InvalidArgument(
+                f"{sub}.shape",
+                f"expected [{latent_size}] or [1, {latent_size}] (the latent size), "
+                f"got {list(array.shape)}",
+            )
+        _check_finite(array, sub)
+        return Endpoint(array.reshape(latent_size), is_image=False)
+    raise InvalidArgument(field, "expected an image or a latent, got neither")
+
+
+def steps_in(steps: int, field: str, *, limit: int) -> int:
+    if not 2 <= steps <= limit:
+        raise InvalidArgument(
+            field, f"expected 2 to {limit} points (both endpoints included), got {steps}"
+        )
+    return steps
+
+
+def spherical_in(path: int, field: str) -> bool:
+    """True for INTERPOLATION_PATH_SPHERICAL, False for LINEAR (or unset)."""
+    if path not in vae_pb2.InterpolationPath.values():
+        raise InvalidArgument(
+            field,
+            f"unknown path {path}; expected INTERPOLATION_PATH_LINEAR or "
+            "INTERPOLATION_PATH_SPHERICAL",
+        )
+    return path == vae_pb2.INTERPOLATION_PATH_SPHERICAL
+
+
+def importance_samples_in(samples: int, n: int, field: str, *, limit: int) -> int:
+    if samples < 0:
+        raise InvalidArgument(field, f"expected 0 or more, got {samples}")
+    if n * max(samples, 1) > limit:
+        raise InvalidArgument(
+            field,
+            f"N * max(importance_samples, 1) = {n} * {max(samples, 1)} is above the limit of "
+            f"{limit} per request",
+        )
+    return samples
+
+
+def scores_out(scores: Scores, samples: int, seed: int) -> vae_pb2.ScoreResponse:
+    return vae_pb2.ScoreResponse(
+        negative_elbo=scores.negative_elbo.tolist(),
+        reconstruction=scores.reconstruction.tolist(),
+        kl=scores.kl.tolist(),
+        iw_nll=scores.iw_nll.tolist() if scores.iw_nll is not None else [],
+        samples=samples,
+        seed=seed,
     )

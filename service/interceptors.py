@@ -2,26 +2,36 @@
 
 ServiceError subclasses are answered with their own code and message; anything else is logged
 with its traceback and answered INTERNAL with a generic message, so no internals leak. Calls
-arriving before the model is warmed up are answered UNAVAILABLE.
+arriving before the model is warmed up, or once shutdown has begun (`drain()`), are answered
+UNAVAILABLE, so the client's retry takes them to another replica.
+
+Admission: at most `max_in_flight` inference calls (every VaeService RPC but the cheap ones in
+`NOT_INFERENCE`) are handled at once; one more is answered RESOURCE_EXHAUSTED at once, naming the
+limit (the batcher's bounded queue is the second limit). Each admitted call leases the live model
+version once (`ModelHolder.lease`), so it finishes on that version across a reload.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, cast
 
 import grpc
 
-from service.errors import ServiceError, Unavailable
+from service.errors import ResourceExhausted, ServiceError, Unavailable
 from service.metrics import Metrics
+from service.model_holder import ModelHolder
 
 log = logging.getLogger(__name__)
 
 SERVICE_PREFIX = "/vae.v1.VaeService/"
 INTERNAL_MESSAGE = "internal error (logged on the server)"
+# Answered even when inference is saturated: no model run, no admission limit.
+NOT_INFERENCE = frozenset({"GetModelInfo"})
 
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
@@ -29,9 +39,24 @@ Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Wraps the unary-unary handlers of vae.v1.VaeService; other services pass through."""
 
-    def __init__(self, metrics: Metrics, ready: asyncio.Event) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        ready: asyncio.Event,
+        *,
+        models: ModelHolder | None = None,
+        max_in_flight: int | None = None,
+    ) -> None:
         self.metrics = metrics
         self.ready = ready
+        self.models = models
+        self.max_in_flight = max_in_flight
+        self.inference_in_flight = 0
+        self.draining = False
+
+    def drain(self) -> None:
+        """Shutdown began: answer new calls UNAVAILABLE; the ones in flight go on."""
+        self.draining = True
 
     async def intercept_service(
         self,
@@ -54,6 +79,28 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
 
+    @contextlib.contextmanager
+    def _admit(self, method: str) -> Iterator[None]:
+        """Count an inference call against max_in_flight (or refuse it), and lease the live
+        model version for the call."""
+        inference = method not in NOT_INFERENCE
+        limit = self.max_in_flight
+        if inference and limit is not None and self.inference_in_flight >= limit:
+            self.metrics.admission_rejected.inc()
+            raise ResourceExhausted(
+                f"server busy: max_in_flight ({limit} inference calls at once) reached; "
+                "retry with backoff"
+            )
+        self.inference_in_flight += int(inference)
+        try:
+            if self.models is None:
+                yield
+            else:
+                with self.models.lease():
+                    yield
+        finally:
+            self.inference_in_flight -= int(inference)
+
     def _wrap(self, behavior: Handler, method: str) -> Handler:
         metrics = self.metrics
 
@@ -68,9 +115,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             start = time.perf_counter()
             metrics.in_flight.inc()
             try:
+                if self.draining:
+                    raise Unavailable("the server is shutting down; retry on another replica")
                 if not self.ready.is_set():
                     raise Unavailable("the model is still warming up; retry shortly")
-                response = await behavior(request, context)
+                with self._admit(method):
+                    response = await behavior(request, context)
             except ServiceError as e:
                 code, message = e.code, str(e)
             except asyncio.CancelledError:

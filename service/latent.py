@@ -87,12 +87,14 @@ def attribute_vector(group_a: np.ndarray, group_b: np.ndarray) -> np.ndarray:
     """The mean latent of group A minus that of group B ([N_a, latent], [N_b, latent]): adding
     it to a latent moves the decoded image from B's look towards A's (White 2016, "Sampling
     generative networks"; the smile and glasses vectors)."""
-    return (group_a.astype(np.float64).mean(axis=0) - group_b.astype(np.float64).mean(axis=0)).astype(
-        np.float32
-    )
+    return (
+        group_a.astype(np.float64).mean(axis=0) - group_b.astype(np.float64).mean(axis=0)
+    ).astype(np.float32)
 
 
-def add_attribute(latents: np.ndarray, vector: np.ndarray, strengths: Sequence[float]) -> np.ndarray:
+def add_attribute(
+    latents: np.ndarray, vector: np.ndarray, strengths: Sequence[float]
+) -> np.ndarray:
     """latents [N, latent] + s * vector for each strength s: float32 [N, len(strengths), latent]."""
     s = np.asarray(strengths, dtype=np.float64)[None, :, None]
     return (latents.astype(np.float64)[:, None, :] + s * vector.astype(np.float64)).astype(

@@ -32,6 +32,10 @@ LATENCY_BUCKETS = (
     10.0,
 )
 NETWORKS = ("encoder", "decoder")
+# One batcher (queue) per network, and one more for Score's decoder runs, which need logits.
+QUEUES = (*NETWORKS, "decoder_logits")
+# Rows (images or latents) per ONNX Runtime run: powers of two up to the largest batch.
+BATCH_ROWS_BUCKETS = tuple(float(2**k) for k in range(13))
 
 
 class Metrics:
@@ -57,9 +61,13 @@ class Metrics:
             "vae_requests_in_flight", "RPCs being handled right now.", registry=r
         )
         self.images_generated = Counter(
-            "vae_images_generated", "Images produced by Sample and Decode.", registry=r
+            "vae_images_generated", "Images produced by Sample, Decode and Interpolate.", registry=r
         )
-        self.images_encoded = Counter("vae_images_encoded", "Images encoded by Encode.", registry=r)
+        self.images_encoded = Counter(
+            "vae_images_encoded",
+            "Images encoded by Encode, Score and Interpolate's image endpoints.",
+            registry=r,
+        )
         self.inference_seconds = Histogram(
             "vae_inference_seconds",
             "ONNX Runtime time per run, by network (one run may hold many images).",
@@ -70,6 +78,59 @@ class Metrics:
         for network in NETWORKS:
             self.inference_seconds.labels(network)  # exported as 0 before the first call
         self.model = Info("vae_model", "The model being served.", registry=r)
+        self.model_reloads = Counter(
+            "vae_model_reloads",
+            "Model reloads without a restart, by result (failure: the old version kept serving).",
+            ["result"],
+            registry=r,
+        )
+        for result in ("success", "failure"):
+            self.model_reloads.labels(result)
+        self.admission_rejected = Counter(
+            "vae_admission_rejected",
+            "Calls refused RESOURCE_EXHAUSTED by the in-flight limit (max_in_flight).",
+            registry=r,
+        )
+        self.batch_rows = Histogram(
+            "vae_batch_rows",
+            "Rows (images or latents) per ONNX Runtime run, by queue.",
+            ["queue"],
+            buckets=BATCH_ROWS_BUCKETS,
+            registry=r,
+        )
+        self.batch_runs = Counter(
+            "vae_batch_runs",
+            "ONNX Runtime runs started by the batchers, by queue.",
+            ["queue"],
+            registry=r,
+        )
+        self.batch_queue_wait_seconds = Histogram(
+            "vae_batch_queue_wait_seconds",
+            "Time a request waited in the batch queue before its rows went to a run, by queue.",
+            ["queue"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_queue_rows = Gauge(
+            "vae_batch_queue_rows",
+            "Rows queued and not yet in a run, by queue.",
+            ["queue"],
+            registry=r,
+        )
+        for queue in QUEUES:  # exported as 0 before the first run
+            for family in (self.batch_rows, self.batch_runs, self.batch_queue_wait_seconds):
+                family.labels(queue)
+            self.batch_queue_rows.labels(queue)
+
+    def batch_observer(self, queue: str) -> BatchMetrics:
+        """The observer of one batcher (`queue`: encoder, decoder, or decoder_logits, Score's
+        runs of the decoder); children resolved once, off the hot path."""
+        return BatchMetrics(
+            self.batch_rows.labels(queue),
+            self.batch_runs.labels(queue),
+            self.batch_queue_wait_seconds.labels(queue),
+            self.batch_queue_rows.labels(queue),
+        )
 
     def set_model(self, name: str, version: int, providers: Sequence[str]) -> None:
         self.model.info({"name": name, "version": str(version), "provider": ",".join(providers)})
@@ -79,3 +140,20 @@ class Metrics:
         picks a free one). Stop it with `server.shutdown()`."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         return server, server.server_port
+
+
+class BatchMetrics:
+    """A `service.batching.BatchObserver` writing one queue's batch metrics."""
+
+    def __init__(self, rows: Histogram, runs: Counter, wait: Histogram, depth: Gauge) -> None:
+        self._rows, self._runs, self._wait, self._depth = rows, runs, wait, depth
+
+    def observe_run(self, rows: int) -> None:
+        self._rows.observe(rows)
+        self._runs.inc()
+
+    def observe_queue_wait(self, seconds: float) -> None:
+        self._wait.observe(seconds)
+
+    def set_queue_depth(self, rows: int) -> None:
+        self._depth.set(rows)

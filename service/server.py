@@ -8,11 +8,12 @@ whole graph up; `serve` runs it until a signal arrives.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -22,8 +23,9 @@ from grpc_reflection.v1alpha import reflection
 
 from service.interceptors import ServiceInterceptor
 from service.metrics import Metrics
+from service.model import ServedModel
+from service.model_holder import CallModel, ModelHolder
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
-from service.runtime import Runtime
 from service.servicer import VaeServicer
 from service.settings import Settings
 
@@ -67,11 +69,42 @@ def create_server(
         (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     address = f"{settings.host}:{settings.port}"
+    credentials = server_credentials(settings)
     try:
-        port = server.add_insecure_port(address)
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
     except RuntimeError as e:
         raise StartupError(f"cannot listen on {address}: {e}") from e
     return server, port
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the settings' PEM files (mutual TLS when a client CA is set), or
+    None for plaintext, which is for local development only (a warning is logged)."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        log.warning(
+            "serving PLAINTEXT gRPC (no TLS): for local development only; set VAE_TLS_CERT and "
+            "VAE_TLS_KEY (and VAE_TLS_CLIENT_CA for mutual TLS) in production"
+        )
+        return None
+    paths = [settings.tls_cert, settings.tls_key, settings.tls_client_ca]
+    try:
+        cert, key, client_ca = (p.read_bytes() if p is not None else None for p in paths)
+    except OSError as e:
+        raise StartupError(f"cannot read a TLS file: {e}") from e
+    assert cert is not None and key is not None
+    log.info(
+        "serving TLS with %s%s",
+        settings.tls_cert,
+        f"; mutual TLS: client certificates must be signed by {settings.tls_client_ca}"
+        if client_ca is not None
+        else "",
+    )
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 async def _set_health(health: HealthServicer, status: int) -> None:
@@ -81,30 +114,50 @@ async def _set_health(health: HealthServicer, status: int) -> None:
 
 @dataclass
 class Service:
-    """The running object graph: settings -> metrics -> runtime -> servicer -> server."""
+    """The running object graph: settings -> metrics -> model (runtime and batchers) ->
+    servicer -> server."""
 
     settings: Settings
     metrics: Metrics
-    runtime: Runtime
+    models: ModelHolder
     health: HealthServicer
     server: grpc.aio.Server
     port: int
     metrics_server: WSGIServer | None
     metrics_port: int | None
+    interceptor: ServiceInterceptor
+    watcher: asyncio.Task[None] | None = None
     stopped: bool = False
 
+    @property
+    def model(self) -> ServedModel:
+        """The live model version (it changes on a reload)."""
+        return cast(ServedModel, self.models.current)
+
     @classmethod
-    async def start(cls, settings: Settings) -> Service:
+    async def start(
+        cls, settings: Settings, reload_requested: asyncio.Event | None = None
+    ) -> Service:
         """Load and verify the model (ModelError / ProviderError before any port is bound),
-        start the server NOT_SERVING, warm up, then report SERVING."""
+        start the server NOT_SERVING, warm up, then report SERVING. Then reload the model when
+        `reload_requested` is set (SIGHUP) or a new version appears (settings.reload_interval)."""
         began = time.perf_counter()
         metrics = Metrics()
-        runtime = Runtime.load(settings, metrics)
+        models = ModelHolder(settings, metrics)
+        models.open()
+        model = models.current
         health = HealthServicer()
         await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
         ready = asyncio.Event()
-        servicer = VaeServicer(runtime, metrics, max_items=settings.max_items_per_request)
-        server, port = create_server(settings, servicer, health, ServiceInterceptor(metrics, ready))
+        servicer = VaeServicer(
+            CallModel(models),  # type: ignore[arg-type]  # info is read-only: a property
+            metrics,
+            max_items=settings.max_items_per_request,
+        )
+        interceptor = ServiceInterceptor(
+            metrics, ready, models=models, max_in_flight=settings.max_in_flight
+        )
+        server, port = create_server(settings, servicer, health, interceptor)
         metrics_server, metrics_port = None, None
         if settings.metrics_port >= 0:
             try:
@@ -112,23 +165,39 @@ class Service:
                     settings.metrics_host, settings.metrics_port
                 )
             except OSError as e:
-                runtime.close()
+                await models.close()
                 raise StartupError(
                     f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {e}"
                 ) from e
         await server.start()
-        await runtime.offload(runtime.warm_up)
+        await models.warm_up()
         ready.set()
         await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "SERVING %s version %d on port %d (metrics: %s) after %.2f s",
-            runtime.info.name,
-            runtime.info.version,
+            model.info.name,
+            model.info.version,
             port,
             f"port {metrics_port}" if metrics_port is not None else "off",
             time.perf_counter() - began,
         )
-        return cls(settings, metrics, runtime, health, server, port, metrics_server, metrics_port)
+        watcher = None
+        if settings.reload_interval > 0 or reload_requested is not None:
+            watcher = asyncio.create_task(
+                models.watch(settings.reload_interval, reload_requested), name="model-reload"
+            )
+        return cls(
+            settings,
+            metrics,
+            models,
+            health,
+            server,
+            port,
+            metrics_server,
+            metrics_port,
+            interceptor,
+            watcher,
+        )
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING at once; refuse new calls; let in-flight ones finish within `grace`
@@ -139,8 +208,13 @@ class Service:
         grace = self.settings.grace_period if grace is None else grace
         log.info("shutting down: NOT_SERVING, in-flight calls get up to %.1f s", grace)
         await self.health.enter_graceful_shutdown()
+        self.interceptor.drain()
+        if self.watcher is not None:
+            self.watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.watcher
         await self.server.stop(grace)
-        self.runtime.close()
+        await self.models.close()  # the server sends no more work: finish the queues, then stop
         if self.metrics_server is not None:
             await asyncio.to_thread(self.metrics_server.shutdown)
             self.metrics_server.server_close()
@@ -148,11 +222,13 @@ class Service:
 
 
 async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then stop gracefully."""
+    """Run until SIGTERM or SIGINT, then stop gracefully; SIGHUP reloads the model."""
     stopping = asyncio.Event()
+    reload_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):  # a signal during start-up stops right after it
         loop.add_signal_handler(sig, stopping.set)
-    service = await Service.start(settings)
+    loop.add_signal_handler(signal.SIGHUP, reload_requested.set)  # acted on once started
+    service = await Service.start(settings, reload_requested)
     await stopping.wait()
     await service.stop()

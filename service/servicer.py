@@ -6,13 +6,14 @@ turns errors into status codes and counts every call.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import ParamSpec, Protocol, TypeVar
 
 import grpc
 import numpy as np
 
-from service import codec
+from service import codec, latent
 from service.metrics import Metrics
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
 from service.runtime import ModelInfo
@@ -28,18 +29,37 @@ INLINE_ROWS = 512
 
 
 class Model(Protocol):
-    """What the servicer needs of the model: the Runtime, or a batcher in front of it."""
+    """What the servicer needs of the model (`service.model.ServedModel`). `deadline` is the
+    call's, in `time.monotonic()` seconds: work not started by then is dropped."""
 
     info: ModelInfo
 
-    async def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+    async def encode(
+        self, images: np.ndarray, *, deadline: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray]: ...
 
-    async def decode(self, latents: np.ndarray) -> np.ndarray: ...
+    async def decode(self, latents: np.ndarray, *, deadline: float | None = None) -> np.ndarray: ...
+
+    async def decode_logits(
+        self, latents: np.ndarray, *, deadline: float | None = None
+    ) -> np.ndarray: ...
 
     async def offload(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T: ...
 
 
-def _seed(request: vae_pb2.EncodeRequest | vae_pb2.DecodeRequest | vae_pb2.SampleRequest) -> int:
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline in `time.monotonic()` seconds, None if it has none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _seed(
+    request: vae_pb2.EncodeRequest
+    | vae_pb2.DecodeRequest
+    | vae_pb2.SampleRequest
+    | vae_pb2.InterpolateRequest
+    | vae_pb2.ScoreRequest,
+) -> int:
     return request.seed if request.HasField("seed") else pick_seed()
 
 
@@ -73,7 +93,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
             request.samples_per_image, n, "samples_per_image", limit=limit
         )
         seed = _seed(request)
-        mean, log_variance = await self.model.encode(images)
+        mean, log_variance = await self.model.encode(images, deadline=_deadline(context))
         self.metrics.images_encoded.inc(n)
         return vae_pb2.EncodeResponse(
             mean=codec.tensor_out(mean),
@@ -93,7 +113,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         )
         image_format = codec.format_in(request.format, "format")
         seed = _seed(request)
-        probabilities = await self.model.decode(latents)
+        probabilities = await self.model.decode(latents, deadline=_deadline(context))
         images = await self._images_out(probabilities, image_format, seed)
         self.metrics.images_generated.inc(latents.shape[0])
         return vae_pb2.DecodeResponse(images=images, seed=seed)
@@ -106,7 +126,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         image_format = codec.format_in(request.format, "format")
         seed = _seed(request)
         latents = prior_latents(count, self.model.info.latent_size, seed, temperature)
-        probabilities = await self.model.decode(latents)
+        probabilities = await self.model.decode(latents, deadline=_deadline(context))
         images = await self._images_out(probabilities, image_format, seed)
         self.metrics.images_generated.inc(count)
         return vae_pb2.SampleResponse(
@@ -119,3 +139,59 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         self, request: vae_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> vae_pb2.ModelInfo:
         return codec.model_info_out(self.model.info, self.max_items)
+
+    async def Interpolate(
+        self, request: vae_pb2.InterpolateRequest, context: grpc.aio.ServicerContext
+    ) -> vae_pb2.InterpolateResponse:
+        size, limit = self.model.info.latent_size, self.max_items
+        ends = [
+            codec.endpoint_in(request.start, "start", latent_size=size, limit=limit),
+            codec.endpoint_in(request.end, "end", latent_size=size, limit=limit),
+        ]
+        steps = codec.steps_in(request.steps, "steps", limit=limit)
+        path = latent.slerp if codec.spherical_in(request.path, "path") else latent.lerp
+        image_format = codec.format_in(request.format, "format")
+        seed = _seed(request)
+        deadline = _deadline(context)
+        images = [end.array for end in ends if end.is_image]
+        if images:  # both image endpoints go to the encoder in one call
+            means = iter((await self.model.encode(np.concatenate(images), deadline=deadline))[0])
+            self.metrics.images_encoded.inc(len(images))
+        start, end = (next(means) if e.is_image else e.array for e in ends)
+        latents = path(start, end, steps)
+        probabilities = await self.model.decode(latents, deadline=deadline)
+        output = await self._images_out(probabilities, image_format, seed)
+        self.metrics.images_generated.inc(steps)
+        return vae_pb2.InterpolateResponse(
+            images=output,
+            latents=codec.tensor_out(latents) if request.return_latents else None,
+            seed=seed,
+        )
+
+    async def Score(
+        self, request: vae_pb2.ScoreRequest, context: grpc.aio.ServicerContext
+    ) -> vae_pb2.ScoreResponse:
+        limit = self.max_items
+        if codec.png_count(request.images) > INLINE_PNG_IMAGES:
+            images = await self.model.offload(
+                codec.images_in, request.images, "images", limit=limit
+            )
+        else:
+            images = codec.images_in(request.images, "images", limit=limit)
+        n = images.shape[0]
+        k = codec.importance_samples_in(
+            request.importance_samples, n, "importance_samples", limit=limit
+        )
+        samples = max(k, 1)
+        seed = _seed(request)
+        deadline = _deadline(context)
+        mean, log_variance = await self.model.encode(images, deadline=deadline)
+        z = posterior_samples(mean, log_variance, samples, seed)  # Encode's draws, same seed
+        logits = await self.model.decode_logits(z.reshape(n * samples, -1), deadline=deadline)
+        args = (images, mean, log_variance, z, logits)
+        if n * samples > INLINE_ROWS:
+            scores = await self.model.offload(latent.score, *args, importance_weighted=k > 0)
+        else:
+            scores = latent.score(*args, importance_weighted=k > 0)
+        self.metrics.images_encoded.inc(n)
+        return codec.scores_out(scores, samples, seed)

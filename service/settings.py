@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_PORT = 50051
@@ -65,14 +65,62 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=4 * 1024 * 1024)
     """gRPC max send/receive message size; fits the largest request and reply."""
 
+    batching: bool = True
+    """Merge concurrent requests for one network into one ONNX Runtime run (off: one run per
+    request, with the same queue bound, deadline checks and metrics)."""
+    max_batch_size: int = Field(default=1024, ge=1)
+    """Most rows (images or latents) in one run; a larger request is split across runs."""
+    max_queue_delay: float = Field(default=0.0, ge=0)
+    """Seconds a run may wait for more rows after the oldest queued one arrived; 0 never waits
+    (batches still form under load, from rows that queue while the runs are busy)."""
+    max_queue_rows: int = Field(default=16384, ge=1)
+    """Most rows queued for one network before new requests get RESOURCE_EXHAUSTED; at least
+    max_items_per_request."""
+    inline_max_rows: int = Field(default=0, ge=0)
+    """Runs of at most this many rows run on the event loop instead of a worker thread
+    (0: never); a tiny run costs less than the hop to a thread and back."""
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+    """The asyncio event loop implementation (uvloop: faster gRPC calls)."""
+
     grace_period: float = Field(default=10.0, ge=0)
     """Seconds in-flight calls get to finish after SIGTERM/SIGINT."""
     max_connection_age: float = 300.0
     """Seconds before the server asks a client to reconnect (rebalances after scale-out);
     0 turns it off."""
 
+    max_in_flight: int = Field(default=64, ge=1)
+    """Most inference calls (every VaeService RPC but GetModelInfo) handled at once; beyond it a
+    call gets RESOURCE_EXHAUSTED at once. Bounds the memory the requests and replies hold."""
+    reload_interval: float = Field(default=0.0, ge=0)
+    """Seconds between polls of the model repository for a new version to swap in without a
+    restart; 0: no polling (SIGHUP still reloads)."""
+
+    tls_cert: Path | None = None
+    """PEM server certificate (chain): serve TLS instead of plaintext. Needs tls_key."""
+    tls_key: Path | None = None
+    """PEM private key of tls_cert."""
+    tls_client_ca: Path | None = None
+    """PEM CA bundle: require client certificates signed by it (mutual TLS). Needs tls_cert."""
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     """Python logging level (any case)."""
+
+    @model_validator(mode="after")
+    def _queue_fits_a_request(self) -> Settings:
+        if self.max_queue_rows < self.max_items_per_request:
+            raise ValueError(
+                f"max_queue_rows ({self.max_queue_rows}) must be at least max_items_per_request "
+                f"({self.max_items_per_request}), or the largest request could never be queued"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _tls_files_together(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both for TLS, or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        return self
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -86,6 +86,14 @@ class Flaky(vae_pb2_grpc.VaeServiceServicer):
         time.sleep(2)
         return vae_pb2.SampleResponse()
 
+    def Interpolate(self, request: Any, context: Any) -> vae_pb2.InterpolateResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "not here")
+        return vae_pb2.InterpolateResponse()
+
+    def Score(self, request: Any, context: Any) -> vae_pb2.ScoreResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "not here")
+        return vae_pb2.ScoreResponse()
+
 
 @pytest.fixture
 def flaky() -> Iterator[tuple[Flaky, str]]:

@@ -161,10 +161,17 @@ class BrokenModel:
 
     info = ModelInfo("broken", 1, 4, (28, 28), ("CPUExecutionProvider",))
 
-    async def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    async def encode(
+        self, images: np.ndarray, *, deadline: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         raise RuntimeError("secret: /srv/models/encoder.onnx exploded")
 
-    async def decode(self, latents: np.ndarray) -> np.ndarray:
+    async def decode(self, latents: np.ndarray, *, deadline: float | None = None) -> np.ndarray:
+        raise RuntimeError("secret: /srv/models/decoder.onnx exploded")
+
+    async def decode_logits(
+        self, latents: np.ndarray, *, deadline: float | None = None
+    ) -> np.ndarray:
         raise RuntimeError("secret: /srv/models/decoder.onnx exploded")
 
     async def offload(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

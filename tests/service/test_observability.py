@@ -46,7 +46,14 @@ def test_reflection_describes_the_api(channel: grpc.Channel) -> None:
         "grpc.reflection.v1alpha.ServerReflection",
     }
     service = DescriptorPool(database).FindServiceByName("vae.v1.VaeService")
-    assert [m.name for m in service.methods] == ["Encode", "Decode", "Sample", "GetModelInfo"]
+    assert [m.name for m in service.methods] == [
+        "Encode",
+        "Decode",
+        "Sample",
+        "GetModelInfo",
+        "Interpolate",
+        "Score",
+    ]
 
 
 def test_metrics_move_by_exactly_the_calls_made(

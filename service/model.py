@@ -1,0 +1,110 @@
+"""A servable model: one verified model version (`Runtime`) with one `Batcher` per network in
+front of it. `open_model` is the one place that builds it: the server calls it at start, and a
+hot reload calls it again for the new version, then swaps the result in and `close()`s the old.
+
+    model = open_model(settings, metrics)          # the version the settings name
+    await model.offload(model.warm_up)
+    probabilities = await model.decode(latents, deadline=time.monotonic() + 5)
+    await model.close()                            # after the server stopped sending work
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import ParamSpec, TypeVar
+
+import numpy as np
+
+from service.batching import Batcher
+from service.metrics import Metrics
+from service.runtime import ModelInfo, Runtime
+from service.settings import Settings
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class ServedModel:
+    """Encode and decode through their network's batcher, on the runtime's executor."""
+
+    def __init__(self, runtime: Runtime, settings: Settings, metrics: Metrics | None) -> None:
+        self.runtime = runtime
+        self.info: ModelInfo = runtime.info
+
+        def batcher(name: str, run: Callable[[np.ndarray], tuple[np.ndarray, ...]]) -> Batcher:
+            return Batcher(
+                run,
+                runtime.executor,
+                max_batch_size=settings.max_batch_size,
+                max_queue_delay=settings.max_queue_delay,
+                max_queue_rows=settings.max_queue_rows,
+                max_concurrent_runs=settings.inference_workers,
+                observer=metrics.batch_observer(name) if metrics is not None else None,
+                enabled=settings.batching,
+                inline_max_rows=settings.inline_max_rows,
+                name=name,
+            )
+
+        self.encoder = batcher("encoder", runtime.encode_sync)
+        # The decoder's logits become probabilities in the worker, once per run (in place).
+        self.decoder = batcher("decoder", lambda latents: (runtime.decode_sync(latents),))
+        # Score needs the logits themselves: the same network behind a queue of its own.
+        self.decoder_logits = batcher(
+            "decoder_logits", lambda latents: (runtime.decode_logits_sync(latents),)
+        )
+
+    async def encode(
+        self, images: np.ndarray, *, deadline: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """images float32 [N, 784] in [0, 1] -> (mean, log_variance) float32 [N, latent]
+        (read-only views: copy before writing). `deadline`: absolute `time.monotonic()`."""
+        mean, log_variance = await self.encoder.submit(images, deadline)
+        return mean, log_variance
+
+    async def decode(self, latents: np.ndarray, *, deadline: float | None = None) -> np.ndarray:
+        """latents float32 [N, latent] -> Bernoulli probabilities float32 [N, 784]."""
+        (probabilities,) = await self.decoder.submit(latents, deadline)
+        return probabilities
+
+    async def decode_logits(
+        self, latents: np.ndarray, *, deadline: float | None = None
+    ) -> np.ndarray:
+        """latents float32 [N, latent] -> the decoder's Bernoulli logits float32 [N, 784]."""
+        (logits,) = await self.decoder_logits.submit(latents, deadline)
+        return logits
+
+    async def offload(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run CPU-heavy work (large conversions) on the inference executor."""
+        return await self.runtime.offload(fn, *args, **kwargs)
+
+    def warm_up(self) -> None:
+        """Run both networks at the warm-up batch sizes (blocking: offload it)."""
+        self.runtime.warm_up()
+
+    async def close(self) -> None:
+        """Finish what is queued (new work gets UNAVAILABLE), then release the threads."""
+        await asyncio.gather(
+            self.encoder.close(), self.decoder.close(), self.decoder_logits.close()
+        )
+        self.runtime.close()
+
+
+def open_model(
+    settings: Settings, metrics: Metrics | None = None, directory: Path | None = None
+) -> ServedModel:
+    """Load and verify a model version and put batchers in front of it (not warmed up).
+
+    `directory` (a `<repo>/<name>/<version>` folder) overrides the version the settings name.
+    Raises ModelError or ProviderError, like `Runtime.load`.
+    """
+    if directory is not None:
+        settings = settings.model_copy(
+            update={
+                "model_repo": directory.parent.parent,
+                "model_name": directory.parent.name,
+                "model_version": int(directory.name),
+            }
+        )
+    return ServedModel(Runtime.load(settings, metrics), settings, metrics)

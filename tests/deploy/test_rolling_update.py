@@ -1,0 +1,313 @@
+"""A rolling-update rehearsal on this machine: real `vae-serve` processes, a round-robin client
+under steady load, SIGTERM to one of them as Kubernetes sends it, and not one failed call.
+
+How the address list changes. In a cluster the client dials the headless Service
+(`dns:///...` with round_robin) and learns of pods that come and go by re-resolving. gRPC
+Python has no custom-resolver API and offline there is no DNS name we control, so the rehearsal
+gives the client a static list, `ipv4:127.0.0.1:A,127.0.0.1:B,127.0.0.1:C`, in which C's slot is
+the replacement pod that does not exist yet: round_robin only picks connections that are READY,
+so until C listens and is up, its slot is skipped like a pod not yet in the endpoints. That is
+the Deployment's `maxSurge: 1, maxUnavailable: 0`: the new pod comes up first, then an old one
+is terminated. (Reusing A's port for the replacement after A exits would model a new pod taking
+the old pod's IP, which Kubernetes does not do, and would leave one server during the gap.)
+The channel is the one `service.client` builds (`channel_options()`: round_robin, retries on
+UNAVAILABLE) plus a short reconnect backoff, which stands in for re-resolution: without it,
+C's slot would be retried only on gRPC's default 1 s, 1.6 s, 2.6 s, ... schedule.
+
+The timeline, with four callers doing small Sample calls throughout:
+
+1. A and B serve; the load is spread over both.
+2. C starts (the surge pod) and the load reaches it.
+3. SIGTERM to A with no preStop pause and no endpoint removal first, so this is harsher than a
+   cluster: A itself must shed the client (NOT_SERVING, GOAWAY, refuse new streams, finish
+   in-flight calls) and exit 0 within its grace period.
+4. The load goes on over B and C.
+
+Every call's status is recorded: none may fail, each server must have answered calls in the
+phases it was meant to (from its own `vae_requests_total`), and calls must succeed after A is
+gone.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.client import channel_options, sample_request
+from service.proto.vae.v1 import vae_pb2_grpc
+
+GRACE_PERIOD = 5.0  # seconds A's in-flight calls get after SIGTERM (VAE_GRACE_PERIOD)
+CALLERS = 2  # concurrent callers on each of the two channels
+COUNT = 64  # images a call, as PNG: about 8 ms of server work, so calls are in flight at SIGTERM
+PAUSE = 0.01  # seconds each caller waits between calls: steady, without starving 2 cores
+CALL_TIMEOUT = 10.0
+MAX_CALLS = 50_000  # bounds on the load, whatever happens to the orchestration
+MAX_LOAD_SECONDS = 90.0
+START_TIMEOUT = 60.0
+AFTER_EXIT = 1.0  # seconds the load runs on B and C after A is gone
+# What stands in for DNS re-resolution: a slot whose server is not up yet is retried soon.
+RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 300),
+]
+
+SERVING_LINE = re.compile(r"SERVING .* on port (\d+) \(metrics: port (\d+)\)")
+
+
+def vae_serve_command() -> list[str]:
+    """The installed console script, the image's entry point (`-m service` if not installed)."""
+    script = Path(sys.executable).with_name("vae-serve")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("vae-serve")
+    return [found] if found else [sys.executable, "-m", "service"]
+
+
+def free_port() -> int:
+    """A port nothing listens on right now, for the replacement server's slot in the list."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    """One `vae-serve` process; its stderr is collected in the background."""
+
+    name: str
+    popen: subprocess.Popen[str]
+    log: list[str] = field(default_factory=list)
+    ports: tuple[int, int] | None = None  # (gRPC, metrics) once SERVING
+    serving: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.popen.stderr is not None
+        for line in self.popen.stderr:
+            self.log.append(line)
+            match = SERVING_LINE.search(line)
+            if match and not self.serving.is_set():
+                self.ports = (int(match[1]), int(match[2]))
+                self.serving.set()
+
+    def wait_serving(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self.serving.wait(0.05):
+            assert self.popen.poll() is None, f"{self.name} exited:\n{self.output()}"
+            assert time.monotonic() < deadline, (
+                f"{self.name} never reported SERVING:\n{self.output()}"
+            )
+
+    @property
+    def port(self) -> int:
+        assert self.ports is not None
+        return self.ports[0]
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the samples of `name` with these labels, from the server's own /metrics."""
+        assert self.ports is not None
+        url = f"http://127.0.0.1:{self.ports[1]}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        return sum(
+            s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == name and s.labels == labels
+        )
+
+    def sample_calls(self) -> float:
+        """Sample calls this server answered OK so far."""
+        return self.metric("vae_requests_total", method="Sample", code="OK")
+
+    def output(self) -> str:
+        return "".join(self.log)
+
+
+Launch = Callable[[str, int], Server]
+
+
+@pytest.fixture
+def launch(tiny_model: Path) -> Iterator[Launch]:
+    """Starts `vae-serve` processes serving the tiny model; kills whatever is still running at
+    the end, pass or fail."""
+    started: list[Server] = []
+
+    def start(name: str, port: int = 0) -> Server:
+        popen = subprocess.Popen(
+            [
+                *vae_serve_command(),
+                f"--model-repo={tiny_model.parent.parent}",
+                f"--model-name={tiny_model.parent.name}",
+                "--host=127.0.0.1",
+                f"--port={port}",
+                "--metrics-host=127.0.0.1",
+                "--metrics-port=0",
+                "--provider=cpu",
+                "--inference-workers=1",
+                f"--grace-period={GRACE_PERIOD}",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        server = Server(name, popen)
+        started.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            if server.popen.poll() is None:
+                server.popen.kill()
+        for server in started:
+            server.popen.wait(10)
+            server.reader.join(10)
+
+
+@dataclass
+class Load:
+    """`CALLERS` callers per channel doing Sample calls until stopped (or bounded out),
+    recording (channel, time, status) for every call."""
+
+    channels: dict[str, grpc.Channel]
+    results: list[tuple[str, float, grpc.StatusCode]] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.lock = threading.Lock()
+        self.threads = [
+            threading.Thread(target=self._call, args=(name, channel), daemon=True)
+            for name, channel in self.channels.items()
+            for _ in range(CALLERS)
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def _call(self, name: str, channel: grpc.Channel) -> None:
+        stub = vae_pb2_grpc.VaeServiceStub(channel)
+        request = sample_request(COUNT, None, None, "png", False)
+        deadline = time.monotonic() + MAX_LOAD_SECONDS
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            try:
+                stub.Sample(request, timeout=CALL_TIMEOUT)
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as e:
+                code = e.code()  # type: ignore[attr-defined]
+            with self.lock:
+                self.results.append((name, time.monotonic(), code))
+                if len(self.results) >= MAX_CALLS:
+                    self.stop.set()
+            time.sleep(PAUSE)
+
+    def ok_between(self, name: str, start: float, end: float) -> int:
+        with self.lock:
+            return sum(
+                1
+                for n, t, code in self.results
+                if n == name and start <= t < end and code == grpc.StatusCode.OK
+            )
+
+    def finish(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(CALL_TIMEOUT + 5)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def without_retries(options: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    return [(k, v) for k, v in options if k != "grpc.enable_retries"] + [("grpc.enable_retries", 0)]
+
+
+def test_rolling_update_under_load_fails_no_call(launch: Launch) -> None:
+    a, b = launch("A", 0), launch("B", 0)
+    a.wait_serving()
+    b.wait_serving()
+    c_port = free_port()
+    target = f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port},127.0.0.1:{c_port}"
+    client_options = channel_options() + RECONNECT_OPTIONS
+    with (
+        grpc.insecure_channel(target, options=client_options) as client,
+        grpc.insecure_channel(target, options=without_retries(client_options)) as bare,
+    ):
+        load = Load({"client": client, "no-retry": bare})
+        try:
+            began = time.monotonic()
+            # 1. A and B carry the load.
+            wait_until(
+                lambda: a.sample_calls() > 0 and b.sample_calls() > 0,
+                10,
+                "the load did not reach both A and B",
+            )
+            # 2. The surge pod C comes up in the slot reserved for it, and gets calls.
+            c = launch("C", c_port)
+            c.wait_serving()
+            wait_until(lambda: c.sample_calls() > 0, 10, "the load never reached C")
+            a_before = a.sample_calls()
+            # 3. A is terminated under load, with calls in flight.
+            wait_until(
+                lambda: a.metric("vae_requests_in_flight") > 0, 10, "A never had calls in flight"
+            )
+            terminated = time.monotonic()
+            a.popen.send_signal(signal.SIGTERM)
+            try:
+                a_code = a.popen.wait(GRACE_PERIOD + 5)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"A did not exit {GRACE_PERIOD + 5} s after SIGTERM:\n{a.output()}")
+            exited = time.monotonic()
+            # 4. B and C carry on.
+            b_at_exit, c_at_exit = b.sample_calls(), c.sample_calls()
+            time.sleep(AFTER_EXIT)
+            b_after, c_after = b.sample_calls(), c.sample_calls()
+            ended = time.monotonic()
+        finally:
+            load.finish()
+
+    ok = grpc.StatusCode.OK
+    failed = [(n, round(t - began, 3), code.name) for n, t, code in load.results if code != ok]
+    print(  # shown by `pytest -rP`
+        f"{len(load.results)} calls, {len(failed)} failed; A exited"
+        f" {exited - terminated:.2f} s after SIGTERM; Sample calls answered: A {a_before:.0f}"
+        f" before SIGTERM, B {b_after:.0f}, C {c_after:.0f}"
+    )
+    assert not failed, f"{len(failed)} of {len(load.results)} calls failed: {failed[:20]}"
+    assert len(load.results) < MAX_CALLS, "the load hit its bound before the rehearsal ended"
+
+    a.reader.join(5)
+    assert a_code == 0, a.output()
+    assert exited - terminated < GRACE_PERIOD, f"A took {exited - terminated:.2f} s to drain"
+    assert "shutting down: NOT_SERVING" in a.output() and "stopped" in a.output()
+
+    assert a_before > 0
+    assert b_after > b_at_exit and c_after > c_at_exit, "the load did not go on over B and C"
+    for name in load.channels:
+        assert load.ok_between(name, began, terminated) > 0, name
+        assert load.ok_between(name, exited, ended) > 0, f"{name}: no call succeeded after A left"
+    assert b.popen.poll() is None and c.popen.poll() is None

@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-dir", type=Path, help="default: the data the checkpoint was trained on")
     p.add_argument("--k", type=int, default=5000, help="importance samples (5000 for reports)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (2 on free cores)")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -52,6 +52,7 @@ class Manifest(BaseModel):
     decoder: NetworkFile
     config: dict[str, Any] = {}  # the VAEConfig the networks were built from
     parity: dict[str, float] = {}  # max |PyTorch - ONNX Runtime| per network
+    parity_check: dict[str, Any] = {}  # how parity was checked: tolerance, batch sizes, inputs
     training: dict[str, Any] = {}  # data, settings and timings of the training run
     metrics: dict[str, float] = {}  # test-set figures, e.g. negative_elbo, iw_nll
     created_at: str = ""

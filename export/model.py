@@ -66,14 +66,16 @@ class Encoder(nn.Module):
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
+        self.latent_size = config.latent_size
         self.body = mlp([IMAGE_SIZE, *config.hidden_sizes], config.activation)
         self.act = ACTIVATIONS[config.activation]()
         self.head = nn.Linear(config.hidden_sizes[-1], 2 * config.latent_size)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.act(self.body(image))
-        mean, log_variance = self.head(h).chunk(2, dim=-1)
-        return mean, log_variance
+        out = self.head(self.act(self.body(image)))  # [N, 2 * latent]
+        # Slices with constant bounds, not chunk(): the ONNX graph then declares [N, latent]
+        # outputs (chunk exports a Split whose output widths ONNX leaves symbolic).
+        return out[:, : self.latent_size], out[:, self.latent_size :]
 
 
 class Decoder(nn.Module):

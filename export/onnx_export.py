@@ -97,15 +97,18 @@ def export_version(
     *,
     version: int | None = None,
     parity_images: torch.Tensor | None = None,
+    parity_images_source: str = "given images",
     training: dict[str, Any] | None = None,
     metrics: dict[str, float] | None = None,
 ) -> Path:
     """Write `<repo>/<name>/<version>/` (the next free version if None) and return it.
 
     Parity between PyTorch and ONNX Runtime is checked on `parity_images` (real images, at
-    least 257; random ones if None) and on random latents; the export fails above 1e-4. The
-    version directory appears atomically (written beside it, then renamed), so a server watching
-    the repository never sees half a version.
+    least 257, described by `parity_images_source`; random ones if None) and on random latents,
+    at batch sizes 1 and 257; the export fails above 1e-4, and the manifest says how it was
+    checked (`parity_check`) and what it found (`parity`). The version directory appears
+    atomically (written beside it, then renamed), so a server watching the repository never
+    sees half a version.
     """
     model = model.eval()
     latent = model.config.latent_size
@@ -167,6 +170,15 @@ def export_version(
             ),
             config=model.config.to_dict(),
             parity=parity,
+            parity_check={
+                "tolerance": PARITY_TOLERANCE,
+                "batch_sizes": list(PARITY_BATCH_SIZES),
+                "provider": "CPUExecutionProvider",
+                "encoder_inputs": "random images"
+                if parity_images is None
+                else parity_images_source,
+                "decoder_inputs": "random latents",
+            },
             training=training or {},
             metrics=metrics or {},
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -203,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-dir", type=Path, help="default: the data the checkpoint was trained on")
     p.add_argument("--k", type=int, default=1000, help="importance samples for the test metrics")
     p.add_argument("--metrics", type=Path, help="take the test metrics from vae-evaluate's JSON")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (2 on free cores)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -226,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         args.name,
         version=args.version,
         parity_images=parity_images,
+        parity_images_source=f"the first {n} test images ({dataset.description['source']})",
         training={**training_summary(state), "checkpoint": str(args.checkpoint)},
         metrics=metrics,
     )

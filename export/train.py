@@ -37,7 +37,9 @@ class TrainSettings:
     final_lr_fraction: float = 0.1
     kl_warmup_epochs: int = 10  # KL weight rises linearly 0 -> 1 (Sønderby et al. 2016)
     seed: int = 0
-    threads: int = 2  # torch intra-op threads; fixed, so results do not depend on the machine
+    # torch intra-op threads. 1: OpenMP's spinning threads run 10-20x slower when the cores are
+    # shared (a CI box, a busy laptop); 2 is faster only on free cores. Same results either way.
+    threads: int = 1
 
     def lr_at(self, epoch: int) -> float:
         """Cosine decay over the planned epochs (epoch counts from 0)."""

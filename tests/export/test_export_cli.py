@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from export.manifest import load_verified, resolve_version
 
 
@@ -33,8 +35,11 @@ def test_train_evaluate_export(tmp_path: Path) -> None:
     results = tmp_path / "eval.json"
     run("export.evaluate", "--checkpoint", str(out / "best.pt"), "--k", "10", "--out", str(results))
     figures = json.loads(results.read_text())
-    assert figures["metrics"]["iw_k"] == 10 and figures["metrics"]["test_images"] == 500
-    assert figures["metrics"]["iw_nll"] < figures["metrics"]["negative_elbo"]
+    metrics = figures["metrics"]
+    assert metrics["iw_k"] == 10 and metrics["test_images"] == 500
+    assert metrics["negative_elbo"] == pytest.approx(metrics["reconstruction"] + metrics["kl"])
+    assert metrics["iw_nll"] < metrics["negative_elbo"]
+    assert metrics["kl"] > 0 and 0 <= metrics["active_units"] <= 2
     assert figures["training"]["epochs_trained"] == 2
 
     repo = tmp_path / "models"
@@ -55,3 +60,6 @@ def test_train_evaluate_export(tmp_path: Path) -> None:
     assert manifest.metrics["iw_nll"] == figures["metrics"]["iw_nll"]
     assert manifest.training["data"]["source"].startswith("embedded")
     assert manifest.training["epochs_trained"] == 2
+    assert manifest.training["settings"]["epochs"] == 2
+    assert manifest.training["settings"]["batch_size"] == 256
+    assert manifest.parity_check["encoder_inputs"].startswith("the first 257 test images")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import subprocess
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +16,7 @@ import torch
 from export.data import Dataset
 from export.manifest import ModelError, load_verified, resolve_version, sha256_of
 from export.model import VAE
-from export.onnx_export import PARITY_TOLERANCE, export_version
+from export.onnx_export import PARITY_BATCH_SIZES, PARITY_TOLERANCE, export_version
 from export.train import model_from_checkpoint
 
 
@@ -31,6 +34,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory, model: VAE, small_dataset
         repo,
         "tiny",
         parity_images=images,
+        parity_images_source="the test images",
         training={"epochs": 6},
         metrics={"negative_elbo": 150.0, "iw_nll": 145.0, "iw_k": 10.0},
     )
@@ -46,7 +50,43 @@ def test_export_writes_a_verified_version(exported: Path, model: VAE) -> None:
     assert all(0 <= err <= PARITY_TOLERANCE for err in manifest.parity.values())
     assert manifest.metrics["iw_k"] == 10.0 and manifest.training == {"epochs": 6}
     assert manifest.config == model.config.to_dict()
-    assert [t.name for t in manifest.encoder.outputs] == ["mean", "log_variance"]
+    assert manifest.image_shape == [28, 28]
+    signatures = {
+        role: [(t.name, t.dtype, t.shape) for t in net.inputs + net.outputs]
+        for role, net in manifest.networks().items()
+    }
+    assert signatures == {
+        "encoder": [
+            ("image", "float32", ["N", 784]),
+            ("mean", "float32", ["N", 4]),
+            ("log_variance", "float32", ["N", 4]),
+        ],
+        "decoder": [("latent", "float32", ["N", 4]), ("logits", "float32", ["N", 784])],
+    }
+    assert manifest.parity_check["batch_sizes"] == [1, 257] == list(PARITY_BATCH_SIZES)
+    assert manifest.parity_check["tolerance"] == PARITY_TOLERANCE == 1e-4
+    assert manifest.parity_check["encoder_inputs"] == "the test images"
+    created = datetime.fromisoformat(manifest.created_at)
+    assert abs(datetime.now(UTC) - created) < timedelta(hours=1)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert manifest.git_commit == (head.stdout.strip() if head.returncode == 0 else "unknown")
+
+
+def test_the_onnx_graphs_have_the_manifests_signature(exported: Path) -> None:
+    """What ONNX Runtime itself reports, not only what the manifest claims."""
+    manifest = load_verified(exported)
+    for role, net in manifest.networks().items():
+        session = ort.InferenceSession(exported / net.path, providers=["CPUExecutionProvider"])
+        for declared, actual in (
+            (net.inputs, session.get_inputs()),
+            (net.outputs, session.get_outputs()),
+        ):
+            assert [t.name for t in declared] == [a.name for a in actual], role
+            assert all(a.type == "tensor(float)" for a in actual), role
+            # The batch axis is symbolic (dynamic); the width is fixed.
+            assert [[d if isinstance(d, int) else "N" for d in a.shape] for a in actual] == [
+                t.shape for t in declared
+            ], role
 
 
 @pytest.mark.parametrize("batch", [1, 3, 300])
@@ -71,6 +111,21 @@ def test_next_export_is_the_next_version(exported: Path, model: VAE) -> None:
     assert second.name == "2" and load_verified(second).version == 2
     with pytest.raises(ModelError, match="already exists"):
         export_version(model, exported.parent.parent, "tiny", version=2)
+
+
+def test_export_refuses_a_model_onnx_runtime_does_not_reproduce(tmp_path: Path, model: VAE) -> None:
+    """Weights a million times too large make logits of ~1e8, where float32 rounding in the
+    two runtimes' different summation orders alone differs by far more than 1e-4: the export
+    must refuse, and leave no version behind."""
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in broken.decoder.parameters():
+            parameter.mul_(1e3)
+    with pytest.raises(
+        ModelError, match=r"decoder: PyTorch and ONNX Runtime differ by .* > 0\.0001"
+    ):
+        export_version(broken, tmp_path, "tiny")
+    assert list((tmp_path / "tiny").iterdir()) == []
 
 
 def test_a_tampered_onnx_file_fails_the_manifest_check(tmp_path: Path, model: VAE) -> None:

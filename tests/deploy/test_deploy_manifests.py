@@ -3,6 +3,7 @@ consistent with the server they run (its settings' defaults, its health service,
 
 from __future__ import annotations
 
+import os
 import re
 from decimal import ROUND_CEILING, Decimal
 from typing import Any
@@ -239,6 +240,55 @@ def test_config_holds_only_known_settings(objects: list[Manifest]) -> None:
     assert not unknown, f"ConfigMap keys that no setting reads: {sorted(unknown)}"
     env = {e["name"] for e in server(objects).get("env", []) if e["name"].startswith("VAE_")}
     assert env <= known, f"env variables that no setting reads: {sorted(env - known)}"
+
+
+def server_environment(objects: list[Manifest]) -> dict[str, str]:
+    """The VAE_* variables the server container starts with: the ConfigMap, then `env` (the
+    downward API's limits.cpu resolved as the kubelet does: rounded up to whole divisors)."""
+    container = server(objects)
+    environment = dict(config(objects))
+    for variable in container.get("env", []):
+        if "value" in variable:
+            environment[variable["name"]] = variable["value"]
+            continue
+        field = variable["valueFrom"]["resourceFieldRef"]
+        bound, resource = field["resource"].split(".")  # e.g. limits.cpu
+        assert resource == "cpu", f"{variable['name']}: only CPU fields are resolved here"
+        quantity = container["resources"][bound][resource]
+        cores = cpu_cores(quantity) / cpu_cores(field.get("divisor", "1"))
+        environment[variable["name"]] = str(cores.to_integral_value(rounding=ROUND_CEILING))
+    return {k: v for k, v in environment.items() if k.startswith("VAE_")}
+
+
+def test_the_pods_environment_is_valid_settings(
+    objects: list[Manifest], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the server reads at start: every value parses, and together they pass the
+    settings' own cross-checks (e.g. the queue fits the largest request)."""
+    for name in [k for k in os.environ if k.startswith("VAE_")]:
+        monkeypatch.delenv(name)
+    environment = server_environment(objects)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert (settings.port, settings.metrics_port) == (DEFAULT_PORT, DEFAULT_METRICS_PORT)
+    assert str(settings.model_repo) == "/models"
+    assert settings.inference_workers * settings.intra_op_threads == cpu_cores(
+        server(objects)["resources"]["limits"]["cpu"]
+    )
+    assert settings.tls_cert is None, "the kubelet's gRPC probes cannot speak TLS"
+
+
+def test_only_a_mounted_model_is_polled_for_new_versions(objects: list[Manifest]) -> None:
+    """A baked-in model never changes, so polling would be waste; a model volume gets new
+    versions, which the pods load without a restart, from a read-only mount."""
+    mounts = {m["mountPath"]: m for m in server(objects).get("volumeMounts", [])}
+    interval = float(config(objects).get("VAE_RELOAD_INTERVAL", setting_default("reload_interval")))
+    if "/models" in mounts:
+        assert mounts["/models"].get("readOnly") is True
+        assert 0 < interval <= 300
+    else:
+        assert interval == 0
 
 
 def test_metrics_are_announced_for_scraping(objects: list[Manifest]) -> None:

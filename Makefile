@@ -55,14 +55,53 @@ format: install
 
 # Quality on the full MNIST (not a test): ~2.4 s an epoch on 2 idle cores, so the 1,000 epochs
 # train in about 45 minutes; the k=5000 evaluation of the 10,000 test images takes ~6 more.
+# Two torch threads assume free cores (the default, 1, is for shared ones; same results).
 BENCH_QUALITY_EPOCHS ?= 1000
+BENCH_QUALITY_THREADS ?= 2
 bench-quality: install
-	$(BIN)/vae-train --data-dir $(MNIST) --out runs/mnist-full --epochs $(BENCH_QUALITY_EPOCHS)
+	$(BIN)/vae-train --data-dir $(MNIST) --out runs/mnist-full --epochs $(BENCH_QUALITY_EPOCHS) \
+		--threads $(BENCH_QUALITY_THREADS)
 	$(BIN)/vae-evaluate --checkpoint runs/mnist-full/best.pt --data-dir $(MNIST) --k 5000 \
-		--out bench/results/quality.json
+		--threads $(BENCH_QUALITY_THREADS) --out bench/results/quality.json
 
 clean-models:
 	rm -rf $(MODEL_REPO)/$(MODEL_NAME) $(RUN_DIR)
+
+# ---- Throughput (bench/run_bench.py; README "Performance") ----
+# The service against the in-process limit, the no-op gRPC floor and the peers' last
+# `make bench-peers`, in one run: servers on core 0, the load on core 1. 68 load points of
+# BENCH_WARMUP + BENCH_DURATION seconds: about 13 minutes at the defaults.
+BENCH_DURATION ?= 8
+BENCH_WARMUP ?= 1
+BENCH_PROFILE_DURATION ?= 15
+LATEST_MODEL = $$(ls -d $(MODEL_REPO)/$(MODEL_NAME)/*/ | sort -V | tail -1)
+
+.PHONY: bench bench-profile
+
+bench: model
+	$(PY) -m bench.run_bench $(LATEST_MODEL) --duration $(BENCH_DURATION) --warmup $(BENCH_WARMUP)
+
+# Where the server's time goes at Sample(1) and Sample(1024): py-spy, bench/results/profile.md.
+bench-profile: model
+	$(PY) -m bench.profile $(LATEST_MODEL) --duration $(BENCH_PROFILE_DURATION)
+
+# The README's pictures of the latent space (docs/explore/*.png): serves the default model on a
+# free loopback port, runs the vae-client exploration commands against it, then stops it.
+.PHONY: explore
+explore: model
+	$(PY) -m service.gallery --model-repo $(MODEL_REPO) --model-name $(MODEL_NAME) --out docs/explore
+
+# ---- Reliability (bench/reliability.py; README "Reliability and security") ----
+# The long runs behind the reliability tests: thousands of fuzz cases, open-loop overload at
+# 4x capacity, SIGTERM and SIGKILL under load, model reloads under load, TLS faults and a
+# 3-minute soak, against real vae-serve processes; about 8 minutes, results in
+# bench/results/reliability.json. E.g. RELIABILITY_ARGS="--only fuzz,soak --soak-seconds 60".
+RELIABILITY_ARGS ?=
+
+.PHONY: reliability
+
+reliability: model
+	$(PY) -m bench.reliability $(RELIABILITY_ARGS)
 
 # ---- Peers (benchmark only, bench/peers/README.md) ----
 # Triton through PyTriton and Seldon MLServer serve the same decoder.onnx, each from its own venv

@@ -225,6 +225,13 @@ class Batcher:
             self._forget(request)
             raise
 
+    def flush(self) -> None:
+        """Stop waiting for fuller batches (max_queue_delay becomes 0): what is queued runs as
+        soon as a run slot is free. For a retired model version, whose batches no new call
+        will fill."""
+        self.max_queue_delay = 0.0
+        self._wake()
+
     async def close(self) -> None:
         """Stop accepting work (submit raises Unavailable), run everything queued without
         waiting for more rows, wait for the runs in flight, then stop the task."""

@@ -4,6 +4,11 @@ vae-client info
 vae-client sample -n 64 --seed 1 --out samples.png     # a PNG grid; no --out: ASCII preview
 vae-client encode digit.png [more.png ...] [--out latents.npy]
 vae-client decode latents.npy --out decoded.png        # or: decode --z 0.1,-1,0.5,2
+vae-client interpolate a.png b.png --steps 10 [--slerp] [--gif]    # exploration: service/explore.py
+vae-client attribute --ink | --labels 3 8 | --groups DIR_A DIR_B [IMG ...] [--strengths ...]
+vae-client traverse digit.png [--dims 0-7] [--range -3 3] [--steps 9]
+vae-client manifold [-n 15] [--dims I J]
+vae-client score digit.png [...] [--threshold-percentile 99]
 """
 
 from __future__ import annotations
@@ -19,9 +24,17 @@ import grpc
 import numpy as np
 from PIL import Image
 
-from service.client import DEFAULT_TIMEOUT, FORMATS, Images, VaeClient
+from service import explore
+from service.client import DEFAULT_TIMEOUT, FORMATS, Images, VaeClient, tls_credentials
 
 ASCII_RAMP = " .:-=+*#%@"
+# TLS to a server started with --tls-cert/--tls-key: the CA to trust, and the client's own
+# certificate and key for mutual TLS.
+TLS_FLAGS = {
+    "ca": "PEM CA that signed the server's certificate: connect with TLS",
+    "cert": "PEM client certificate, for a server requiring mutual TLS",
+    "key": "PEM private key of --tls-cert",
+}
 
 
 def grid(images: np.ndarray, columns: int | None = None, padding: int = 2) -> np.ndarray:
@@ -105,7 +118,7 @@ def cmd_encode(vae: VaeClient, args: argparse.Namespace) -> None:
 
 
 def cmd_decode(vae: VaeClient, args: argparse.Namespace) -> None:
-    rows = [np.atleast_2d(np.load(p)) for p in args.latents]
+    rows = [np.atleast_2d(np.load(p, allow_pickle=False)) for p in args.latents]
     rows += [np.array([[float(v) for v in z.split(",")]]) for z in args.z]
     if not rows:
         raise SystemExit("decode: give latents as .npy files or --z v1,v2,...")
@@ -122,6 +135,11 @@ def parser() -> argparse.ArgumentParser:
         help="server address, e.g. localhost:50051 or dns:///vae:50051 (env VAE_TARGET)",
     )
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="deadline in seconds")
+    for name, what in TLS_FLAGS.items():
+        env = f"VAE_TLS_{name.upper()}"
+        p.add_argument(
+            f"--tls-{name}", type=Path, default=os.environ.get(env), help=f"{what} (env {env})"
+        )
     sub = p.add_subparsers(dest="command", required=True)
 
     sub.add_parser("info", help="what the server serves").set_defaults(run=cmd_info)
@@ -151,12 +169,21 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--out", type=Path, help="write a PNG grid here (else an ASCII preview)")
     d.add_argument("--columns", type=int)
     d.set_defaults(run=cmd_decode)
+
+    explore.add_commands(sub)  # interpolate, attribute, traverse, manifold, score
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    with VaeClient(args.target, timeout=args.timeout) as vae:
+    credentials = None
+    if args.tls_ca or args.tls_cert or args.tls_key:
+        try:
+            credentials = tls_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+        except (OSError, ValueError) as e:
+            print(f"vae-client: TLS: {e}", file=sys.stderr)
+            return 2
+    with VaeClient(args.target, timeout=args.timeout, credentials=credentials) as vae:
         try:
             args.run(vae, args)
         except grpc.RpcError as e:

@@ -11,7 +11,9 @@ the service config's retryPolicy; every call has a deadline.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import grpc
@@ -57,6 +59,20 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[st
     ]
 
 
+def tls_credentials(
+    ca: Path | None = None, cert: Path | None = None, key: Path | None = None
+) -> grpc.ChannelCredentials:
+    """TLS for a channel, from PEM files: `ca` verifies the server (the system roots if None);
+    `cert` and `key`, the client's certificate for a server that asks for one (mutual TLS).
+    The target's host name must be one the server's certificate names."""
+    if (cert is None) != (key is None):
+        raise ValueError("a client certificate needs its key: give both cert and key, or neither")
+    root, chain, private = (p.read_bytes() if p is not None else None for p in (ca, cert, key))
+    return grpc.ssl_channel_credentials(
+        root_certificates=root, private_key=private, certificate_chain=chain
+    )
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
@@ -80,7 +96,7 @@ class Encoded:
 class Images:
     images: np.ndarray | list[bytes]  # [N, 28, 28] (float32 or uint8), or PNG files
     seed: int
-    latents: np.ndarray | None = None  # Sample with return_latents
+    latents: np.ndarray | None = None  # Sample and Interpolate with return_latents
 
 
 def to_tensor(array: np.ndarray) -> vae_pb2.Tensor:
@@ -167,12 +183,115 @@ def sampled_from(reply: vae_pb2.SampleResponse) -> Images:
     return Images(images_from(reply.images), reply.seed, latents)
 
 
-class VaeClient:
-    """Blocking client. `with VaeClient("localhost:50051") as vae: vae.sample(16, seed=1)`."""
+# An Interpolate endpoint: PNG bytes or an image array ([28, 28] or [784], uint8 or float32 in
+# [0, 1], optionally with a leading 1), encoded to its mean by the server; any other array is a
+# latent ([latent] or [1, latent], float32).
+EndpointLike = np.ndarray | bytes
+PathName = Literal["linear", "spherical"]
+PATHS: dict[str, vae_pb2.InterpolationPath.ValueType] = {
+    "linear": vae_pb2.INTERPOLATION_PATH_LINEAR,
+    "spherical": vae_pb2.INTERPOLATION_PATH_SPHERICAL,
+}
+IMAGE_SHAPES = ((28, 28), (784,), (1, 28, 28), (1, 784))
 
-    def __init__(self, target: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+
+@dataclass(frozen=True)
+class Scores:
+    """Per image, in nats (float64 [N] each); `iw_nll` is None without importance samples."""
+
+    negative_elbo: np.ndarray
+    reconstruction: np.ndarray
+    kl: np.ndarray
+    iw_nll: np.ndarray | None
+    samples: int  # draws per image behind the estimates
+    seed: int
+
+    @property
+    def best(self) -> np.ndarray:
+        """The tightest estimate of -log p(x) the reply has: iw_nll if present, else the
+        negative ELBO."""
+        return self.iw_nll if self.iw_nll is not None else self.negative_elbo
+
+
+def bits_per_pixel(nats: np.ndarray | float, pixels: int = 784) -> np.ndarray:
+    """nats per image -> bits per pixel (divide by pixels * ln 2)."""
+    return np.asarray(nats, dtype=np.float64) / (pixels * math.log(2))
+
+
+def endpoint(value: EndpointLike) -> vae_pb2.Endpoint:
+    """PNG bytes or an image-shaped array -> an image endpoint; any other array -> a latent."""
+    if isinstance(value, bytes):
+        return vae_pb2.Endpoint(image=image_input([value]))
+    array = np.asarray(value)
+    if array.dtype == np.uint8 or array.shape in IMAGE_SHAPES:
+        return vae_pb2.Endpoint(image=image_input(array.reshape(1, -1)))
+    return vae_pb2.Endpoint(latent=to_tensor(array.astype(np.float32, copy=False)))
+
+
+def interpolate_request(
+    start: EndpointLike,
+    end: EndpointLike,
+    steps: int,
+    path: str,
+    image_format: str,
+    seed: int | None,
+    return_latents: bool,
+) -> vae_pb2.InterpolateRequest:
+    return vae_pb2.InterpolateRequest(
+        start=endpoint(start),
+        end=endpoint(end),
+        steps=steps,
+        path=PATHS[path],
+        format=FORMATS[image_format],
+        seed=seed,
+        return_latents=return_latents,
+    )
+
+
+def interpolated_from(reply: vae_pb2.InterpolateResponse) -> Images:
+    latents = from_tensor(reply.latents) if reply.HasField("latents") else None
+    return Images(images_from(reply.images), reply.seed, latents)
+
+
+def score_request(
+    images: np.ndarray | list[bytes], importance_samples: int, seed: int | None
+) -> vae_pb2.ScoreRequest:
+    return vae_pb2.ScoreRequest(
+        images=image_input(images), importance_samples=importance_samples, seed=seed
+    )
+
+
+def scores_from(reply: vae_pb2.ScoreResponse) -> Scores:
+    def column(values: Any) -> np.ndarray:
+        return np.array(values, dtype=np.float64)
+
+    return Scores(
+        negative_elbo=column(reply.negative_elbo),
+        reconstruction=column(reply.reconstruction),
+        kl=column(reply.kl),
+        iw_nll=column(reply.iw_nll) if len(reply.iw_nll) else None,
+        samples=reply.samples,
+        seed=reply.seed,
+    )
+
+
+class VaeClient:
+    """Blocking client. `with VaeClient("localhost:50051") as vae: vae.sample(16, seed=1)`.
+    `credentials` (e.g. `tls_credentials(ca=Path("ca.pem"))`) makes the channel TLS; without
+    them it is plaintext, for local development."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(target, options=channel_options())
+        if credentials is None:
+            self.channel = grpc.insecure_channel(target, options=channel_options())
+        else:
+            self.channel = grpc.secure_channel(target, credentials, options=channel_options())
         self.stub = vae_pb2_grpc.VaeServiceStub(self.channel)
 
     def info(self) -> ModelInfo:
@@ -212,6 +331,34 @@ class VaeClient:
         request = decode_request(latents, image_format, seed)
         return decoded_from(self.stub.Decode(request, timeout=self.timeout))
 
+    def interpolate(
+        self,
+        start: EndpointLike,
+        end: EndpointLike,
+        *,
+        steps: int = 10,
+        path: PathName = "linear",
+        image_format: ImageFormatName = "uint8",
+        seed: int | None = None,
+        return_latents: bool = False,
+    ) -> Images:
+        """`steps` images from start to end, both included; each end PNG bytes, an image array
+        or a latent (see `endpoint`)."""
+        request = interpolate_request(start, end, steps, path, image_format, seed, return_latents)
+        return interpolated_from(self.stub.Interpolate(request, timeout=self.timeout))
+
+    def score(
+        self,
+        images: np.ndarray | list[bytes],
+        *,
+        importance_samples: int = 0,
+        seed: int | None = None,
+    ) -> Scores:
+        """Negative ELBO (reconstruction + KL) per image, and the importance-weighted -log p(x)
+        when importance_samples > 0; in nats."""
+        request = score_request(images, importance_samples, seed)
+        return scores_from(self.stub.Score(request, timeout=self.timeout))
+
     def close(self) -> None:
         self.channel.close()
 
@@ -225,9 +372,18 @@ class VaeClient:
 class AsyncVaeClient:
     """asyncio client: `async with AsyncVaeClient(target) as vae: await vae.sample(16)`."""
 
-    def __init__(self, target: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
         self.timeout = timeout
-        self.channel = grpc.aio.insecure_channel(target, options=channel_options())
+        if credentials is None:
+            self.channel = grpc.aio.insecure_channel(target, options=channel_options())
+        else:
+            self.channel = grpc.aio.secure_channel(target, credentials, options=channel_options())
         self.stub = vae_pb2_grpc.VaeServiceStub(self.channel)
 
     async def info(self) -> ModelInfo:
@@ -265,6 +421,30 @@ class AsyncVaeClient:
     ) -> Images:
         request = decode_request(latents, image_format, seed)
         return decoded_from(await self.stub.Decode(request, timeout=self.timeout))
+
+    async def interpolate(
+        self,
+        start: EndpointLike,
+        end: EndpointLike,
+        *,
+        steps: int = 10,
+        path: PathName = "linear",
+        image_format: ImageFormatName = "uint8",
+        seed: int | None = None,
+        return_latents: bool = False,
+    ) -> Images:
+        request = interpolate_request(start, end, steps, path, image_format, seed, return_latents)
+        return interpolated_from(await self.stub.Interpolate(request, timeout=self.timeout))
+
+    async def score(
+        self,
+        images: np.ndarray | list[bytes],
+        *,
+        importance_samples: int = 0,
+        seed: int | None = None,
+    ) -> Scores:
+        request = score_request(images, importance_samples, seed)
+        return scores_from(await self.stub.Score(request, timeout=self.timeout))
 
     async def close(self) -> None:
         await self.channel.close(None)

@@ -1,8 +1,11 @@
 """Proto <-> numpy, with strict validation: every bad input raises InvalidArgument naming the
 field and what was expected.
 
-Tensors are read as numpy views on the request's bytes (np.frombuffer: no copy); a float32
-image tensor goes to ONNX Runtime without ever being copied in Python.
+Copies on the hot path, counted: a request tensor's bytes are read out of the message once (upb
+hands out a fresh copy of a bytes field on every read) and viewed with np.frombuffer, so a
+float32 image tensor goes to ONNX Runtime as that one buffer. Replies are written into the
+response message in place (`images_into`, `tensor_into`): a message handed to a constructor,
+`SampleResponse(images=...)`, is copied whole, which at 1024 float32 images cost 0.6 ms a call.
 """
 
 from __future__ import annotations
@@ -30,6 +33,17 @@ DTYPES: dict[int, np.dtype] = {
     vae_pb2.DATA_TYPE_UINT8: np.dtype("u1"),
 }
 FORMATS = frozenset(vae_pb2.ImageFormat.values())
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Named in the error when sent instead of a PNG (only the PNG parser ever sees request bytes).
+OTHER_FORMATS = {
+    b"BM": "BMP",
+    b"GIF8": "GIF",
+    b"\xff\xd8\xff": "JPEG",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+    b"RIFF": "RIFF (WebP?)",
+}
+MAX_DIMS = 8  # of any tensor in a request (the API's have 1 to 3; numpy allows 64)
 ImageFormat: TypeAlias = vae_pb2.ImageFormat.ValueType
 
 
@@ -45,6 +59,11 @@ def tensor_array(tensor: vae_pb2.Tensor, field: str, *, limit: int) -> np.ndarra
         raise InvalidArgument(
             f"{field}.dtype", f"expected DATA_TYPE_FLOAT32 or DATA_TYPE_UINT8, got {got}"
         )
+    if len(tensor.shape) > MAX_DIMS:  # checked first: the shape is not echoed back in full
+        raise InvalidArgument(
+            f"{field}.shape",
+            f"expected at most {MAX_DIMS} dimensions, got {len(tensor.shape)}",
+        )
     shape = list(tensor.shape)
     if not shape or any(d < 0 for d in shape):
         raise InvalidArgument(
@@ -57,13 +76,14 @@ def tensor_array(tensor: vae_pb2.Tensor, field: str, *, limit: int) -> np.ndarra
             f"{field}.shape", f"N = {shape[0]} is above the limit of {limit} per request"
         )
     expected = math.prod(shape) * dtype.itemsize
-    if len(tensor.data) != expected:
+    data = tensor.data  # a copy of the field's bytes on each read: read it once
+    if len(data) != expected:
         raise InvalidArgument(
             f"{field}.data",
             f"expected {expected} bytes for shape {shape} of "
-            f"{_enum_name(vae_pb2.DataType, tensor.dtype)}, got {len(tensor.data)}",
+            f"{_enum_name(vae_pb2.DataType, tensor.dtype)}, got {len(data)}",
         )
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def _check_finite(array: np.ndarray, field: str) -> tuple[float, float]:
@@ -105,21 +125,37 @@ def images_from_png(files: Sequence[bytes], field: str, *, limit: int) -> np.nda
         )
     out = np.empty((len(files), IMAGE_SIZE), dtype=np.uint8)
     for i, data in enumerate(files):
+        if not data.startswith(PNG_SIGNATURE):
+            raise InvalidArgument(f"{field}[{i}]", _not_png(data))
         try:
-            with Image.open(io.BytesIO(data)) as image:
-                if image.format != "PNG":
-                    raise InvalidArgument(
-                        f"{field}[{i}]", f"expected a PNG file, got {image.format}"
-                    )
+            # Only Pillow's PNG parser sees the caller's bytes; a header claiming a huge image is
+            # refused (DecompressionBombError) before anything is decoded.
+            with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
                 if image.size != IMAGE_SHAPE[::-1]:
                     raise InvalidArgument(
                         f"{field}[{i}]",
                         f"expected a 28x28 image, got {image.size[0]}x{image.size[1]}",
                     )
                 out[i] = np.asarray(image.convert("L")).reshape(IMAGE_SIZE)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        except UnidentifiedImageError as e:  # its message shows a server object's address
+            raise InvalidArgument(
+                f"{field}[{i}]", "not a decodable PNG file (its header is broken)"
+            ) from e
+        except (
+            Image.DecompressionBombError,
+            OSError,
+            ValueError,
+            SyntaxError,
+        ) as e:
             raise InvalidArgument(f"{field}[{i}]", f"not a decodable PNG file ({e})") from e
     return np.multiply(out, np.float32(1 / 255), dtype=np.float32)
+
+
+def _not_png(data: bytes) -> str:
+    for signature, name in OTHER_FORMATS.items():
+        if data.startswith(signature):
+            return f"expected a PNG file, got {name}"
+    return "not a decodable PNG file (it does not start with the PNG signature)"
 
 
 def png_count(images: vae_pb2.ImageInput) -> int:
@@ -199,10 +235,20 @@ def _enum_name(enum: object, value: int) -> str:
 # numpy -> responses
 
 
-def tensor_out(array: np.ndarray) -> vae_pb2.Tensor:
+def tensor_into(tensor: vae_pb2.Tensor, array: np.ndarray) -> None:
+    """Write `array` into `tensor`, a field of the reply being built (in place: no message
+    copy). `tobytes` is the one copy: protobuf takes bytes, not a buffer."""
     dtype = vae_pb2.DATA_TYPE_UINT8 if array.dtype == np.uint8 else vae_pb2.DATA_TYPE_FLOAT32
     little = array.astype(DTYPES[dtype], copy=False)  # a no-op on little-endian hosts
-    return vae_pb2.Tensor(shape=array.shape, dtype=dtype, data=little.tobytes())
+    tensor.shape[:] = array.shape
+    tensor.dtype = dtype
+    tensor.data = little.tobytes()
+
+
+def tensor_out(array: np.ndarray) -> vae_pb2.Tensor:
+    tensor = vae_pb2.Tensor()
+    tensor_into(tensor, array)
+    return tensor
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -211,19 +257,30 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def images_out(
-    probabilities: np.ndarray, image_format: ImageFormat, seed: int
-) -> vae_pb2.ImageOutput:
-    """Probabilities float32 [N, 784] -> the images in the requested (validated) format."""
+def images_into(
+    output: vae_pb2.ImageOutput, probabilities: np.ndarray, image_format: ImageFormat, seed: int
+) -> None:
+    """Probabilities float32 [N, 784] -> the images in the requested (validated) format,
+    written into `output`, a field of the reply being built."""
     images = probabilities.reshape(-1, *IMAGE_SHAPE)
+    output.format = image_format
     if image_format == vae_pb2.IMAGE_FORMAT_PNG:
-        grey = to_uint8(images)
-        return vae_pb2.ImageOutput(format=image_format, png=[png_bytes(g) for g in grey])
+        output.png.extend(png_bytes(g) for g in to_uint8(images))
+        return
     if image_format == vae_pb2.IMAGE_FORMAT_UINT8:
         images = to_uint8(images)
     elif image_format == vae_pb2.IMAGE_FORMAT_BINARY:
         images = bernoulli(images, seed)
-    return vae_pb2.ImageOutput(format=image_format, tensor=tensor_out(images))
+    tensor_into(output.tensor, images)
+
+
+def images_out(
+    probabilities: np.ndarray, image_format: ImageFormat, seed: int
+) -> vae_pb2.ImageOutput:
+    """`images_into` a new ImageOutput (for replies not built in place)."""
+    output = vae_pb2.ImageOutput()
+    images_into(output, probabilities, image_format, seed)
+    return output
 
 
 def model_info_out(info: ModelInfo, max_items: int) -> vae_pb2.ModelInfo:
@@ -262,17 +319,18 @@ def endpoint_in(
         return Endpoint(images, is_image=True)
     if kind == "latent":
         sub = f"{field}.latent"
-        array = tensor_array(endpoint.latent, sub, limit=2**31)
+        # The shape first: tensor_array's messages speak of batches, a latent is one vector.
+        shape = list(endpoint.latent.shape)
+        if shape not in ([latent_size], [1, latent_size]):
+            raise InvalidArgument(
+                f"{sub}.shape",
+                f"expected [{latent_size}] or [1, {latent_size}] (the latent size), got {shape}",
+            )
+        array = tensor_array(endpoint.latent, sub, limit=latent_size)
         if array.dtype != np.float32:
             raise InvalidArgument(
                 f"{sub}.dtype",
                 f"expected DATA_TYPE_FLOAT32, got {vae_pb2.DataType.Name(endpoint.latent.dtype)}",
-            )
-        if list(array.shape) not in ([latent_size], [1, latent_size]):
-            raise InvalidArgument(
-                f"{sub}.shape",
-                f"expected [{latent_size}] or [1, {latent_size}] (the latent size), "
-                f"got {list(array.shape)}",
             )
         _check_finite(array, sub)
         return Endpoint(array.reshape(latent_size), is_image=False)

@@ -9,6 +9,10 @@ Admission: at most `max_in_flight` inference calls (every VaeService RPC but the
 `NOT_INFERENCE`) are handled at once; one more is answered RESOURCE_EXHAUSTED at once, naming the
 limit (the batcher's bounded queue is the second limit). Each admitted call leases the live model
 version once (`ModelHolder.lease`), so it finishes on that version across a reload.
+
+Requests are parsed here, inside the call, not by gRPC: bytes that are not the method's message
+are answered INVALID_ARGUMENT (gRPC itself would answer UNKNOWN), and a refused call is never
+parsed at all, which keeps refusals cheap under overload.
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, cast
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from service.errors import ResourceExhausted, ServiceError, Unavailable
+from service.errors import InvalidArgument, ResourceExhausted, ServiceError, Unavailable
 from service.metrics import Metrics
 from service.model_holder import ModelHolder
+from service.proto.vae.v1 import vae_pb2
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +40,11 @@ INTERNAL_MESSAGE = "internal error (logged on the server)"
 NOT_INFERENCE = frozenset({"GetModelInfo"})
 
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+Parser = Callable[[bytes], Any]
+REQUEST_TYPES = {
+    m.name: m.input_type.full_name
+    for m in vae_pb2.DESCRIPTOR.services_by_name["VaeService"].methods
+}
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
@@ -72,10 +83,11 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         ):
             return handler
         behavior = cast(Handler, handler.unary_unary)  # an async def in a grpc.aio server
-        wrapped = self._wrap(behavior, method_path.removeprefix(SERVICE_PREFIX))
+        method = method_path.removeprefix(SERVICE_PREFIX)
+        parse = _parser(cast(Parser, handler.request_deserializer), REQUEST_TYPES[method])
         return grpc.unary_unary_rpc_method_handler(
-            wrapped,
-            request_deserializer=handler.request_deserializer,
+            self._wrap(behavior, parse, method),
+            request_deserializer=None,  # the raw bytes: parsed in the call, see _parser
             response_serializer=handler.response_serializer,
         )
 
@@ -101,7 +113,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         finally:
             self.inference_in_flight -= int(inference)
 
-    def _wrap(self, behavior: Handler, method: str) -> Handler:
+    def _wrap(self, behavior: Handler, parse: Parser, method: str) -> Handler:
         metrics = self.metrics
 
         def done(code: grpc.StatusCode, start: float) -> None:
@@ -111,7 +123,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             metrics.requests.labels(method, code.name).inc()
             metrics.request_seconds.labels(method).observe(time.perf_counter() - start)
 
-        async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
             metrics.in_flight.inc()
             try:
@@ -120,7 +132,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 if not self.ready.is_set():
                     raise Unavailable("the model is still warming up; retry shortly")
                 with self._admit(method):
-                    response = await behavior(request, context)
+                    response = await behavior(parse(raw), context)
             except ServiceError as e:
                 code, message = e.code, str(e)
             except asyncio.CancelledError:
@@ -142,6 +154,27 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 done(grpc.StatusCode.OK, start)
                 return response
             done(code, start)
-            await context.abort(code, message)
+            # The status without raising (context.abort raises AbortError, whose traceback keeps
+            # this frame, and so the request's bytes, alive until the cyclic GC runs: a caller
+            # sending large bad requests would pin hundreds of MB). gRPC drops the reply of a
+            # call whose code is not OK.
+            context.set_code(code)
+            context.set_details(message)
+            return None
 
         return handle
+
+
+def _parser(deserialize: Parser, type_name: str) -> Parser:
+    """`deserialize` (the message's FromString), with bytes that do not parse answered
+    INVALID_ARGUMENT."""
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except DecodeError:
+            raise InvalidArgument(
+                "request", f"expected a serialized {type_name} message, got bytes that do not parse"
+            ) from None
+
+    return parse

@@ -83,6 +83,12 @@ class ServedModel:
         """Run both networks at the warm-up batch sizes (blocking: offload it)."""
         self.runtime.warm_up()
 
+    def retire(self) -> None:
+        """A newer version went live: the calls still on this one stop waiting for fuller
+        batches, since no new call will come to fill them."""
+        for batcher in (self.encoder, self.decoder, self.decoder_logits):
+            batcher.flush()
+
     async def close(self) -> None:
         """Finish what is queued (new work gets UNAVAILABLE), then release the threads."""
         await asyncio.gather(

@@ -8,7 +8,8 @@ one in meanwhile.
 A reload (a new version directory found by `watch`, which polls the repository every
 `reload_interval` seconds, or an explicit trigger: SIGHUP) verifies, loads and warms the new
 version beside the old one, off the event loop, then swaps it in with one assignment. The old
-version is closed once its last leased call ends. A version that fails verification, loading or
+version stops waiting for fuller batches (no new call will fill them: `retire`) and is closed
+once its last leased call ends. A version that fails verification, loading or
 warm-up is logged, counted (`vae_model_reloads_total{result="failure"}`) and closed; the old one
 keeps serving, and the poller does not retry that version until its files change.
 """
@@ -41,6 +42,8 @@ class Servable(Protocol):
     async def offload(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any: ...
 
     def warm_up(self) -> None: ...
+
+    def retire(self) -> None: ...
 
     def close(self) -> Awaitable[None] | None: ...
 
@@ -97,6 +100,7 @@ class ModelHolder:
             self.settings.model_repo, self.settings.model_name, self.settings.model_version
         )
         self._live = _Version(self.loader(directory))
+        self._publish(self.current.info)
         return self.current.info
 
     async def warm_up(self) -> None:
@@ -144,16 +148,10 @@ class ModelHolder:
                 return False
             log.info("reloading: loading %s beside version %d", directory, live.version)
             try:
-                candidate = await asyncio.to_thread(self.loader, directory)
+                candidate = await self._load_and_warm(directory)
             except Exception as e:  # ModelError, ProviderError, or ONNX Runtime's own errors
                 self._rejected[directory] = fingerprint
                 return self._reject(directory, str(e))
-            try:
-                await _warm(candidate)
-            except Exception as e:
-                self._rejected[directory] = fingerprint
-                await _close(candidate)
-                return self._reject(directory, f"warm-up failed: {e}")
             self._rejected.pop(directory, None)
             old, self._live = self._live, _Version(candidate)
             self._publish(candidate.info)
@@ -166,9 +164,33 @@ class ModelHolder:
             )
             if old is not None:
                 old.retired = True
+                old.model.retire()  # its last calls need not wait for fuller batches
                 if old.leases == 0:
                     self._close_later(old.model)
             return True
+
+    async def _load_and_warm(self, directory: Path) -> Servable:
+        """Open and warm one version off the event loop; on any failure, or if the reload is
+        cancelled (shutdown), the half-made version is closed, never leaked."""
+        loading = asyncio.ensure_future(asyncio.to_thread(self.loader, directory))
+        try:
+            candidate = await asyncio.shield(loading)
+        except asyncio.CancelledError:  # the load goes on in its thread: close what it makes
+
+            def close_when_loaded(done: asyncio.Future[Servable]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    self._close_later(done.result())
+
+            loading.add_done_callback(close_when_loaded)
+            raise
+        try:
+            await _warm(candidate)
+        except BaseException as e:
+            await _close(candidate)
+            if isinstance(e, Exception):
+                raise ModelError(f"warm-up failed: {e}") from e
+            raise
+        return candidate
 
     async def watch(self, interval: float, trigger: asyncio.Event | None = None) -> None:
         """Reload on `trigger` (forced) and, if `interval` > 0, whenever a poll every

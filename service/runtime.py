@@ -190,8 +190,6 @@ class Runtime:
             workers=settings.inference_workers,
             metrics=metrics,
         )
-        if metrics is not None:
-            metrics.set_model(manifest.name, manifest.version, runtime.info.providers)
         return runtime
 
     @property

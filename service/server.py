@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 from wsgiref.simple_server import WSGIServer
 
@@ -95,6 +97,7 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     except OSError as e:
         raise StartupError(f"cannot read a TLS file: {e}") from e
     assert cert is not None and key is not None
+    _check_pem(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     log.info(
         "serving TLS with %s%s",
         settings.tls_cert,
@@ -105,6 +108,20 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
+
+
+def _check_pem(cert: Path, key: Path, client_ca: Path | None) -> None:
+    """Refuse unusable TLS files with the reason (gRPC itself only fails to bind the port)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+    except ssl.SSLError as e:
+        raise StartupError(f"{cert} and {key}: not a PEM certificate and its key ({e})") from e
+    if client_ca is not None:
+        try:
+            context.load_verify_locations(client_ca)
+        except ssl.SSLError as e:
+            raise StartupError(f"{client_ca}: not a PEM CA bundle ({e})") from e
 
 
 async def _set_health(health: HealthServicer, status: int) -> None:
@@ -157,7 +174,11 @@ class Service:
         interceptor = ServiceInterceptor(
             metrics, ready, models=models, max_in_flight=settings.max_in_flight
         )
-        server, port = create_server(settings, servicer, health, interceptor)
+        try:
+            server, port = create_server(settings, servicer, health, interceptor)
+        except StartupError:
+            await models.close()
+            raise
         metrics_server, metrics_port = None, None
         if settings.metrics_port >= 0:
             try:
@@ -206,14 +227,24 @@ class Service:
             return
         self.stopped = True
         grace = self.settings.grace_period if grace is None else grace
-        log.info("shutting down: NOT_SERVING, in-flight calls get up to %.1f s", grace)
         await self.health.enter_graceful_shutdown()
         self.interceptor.drain()
+        log.info(
+            "shutting down: NOT_SERVING, refusing new calls; %d inference calls in flight get up "
+            "to %.1f s",
+            self.interceptor.inference_in_flight,
+            grace,
+        )
         if self.watcher is not None:
             self.watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.watcher
         await self.server.stop(grace)
+        if self.interceptor.inference_in_flight:  # gRPC cancelled them at the grace period
+            log.warning(
+                "%d inference calls were cut off at the end of the grace period",
+                self.interceptor.inference_in_flight,
+            )
         await self.models.close()  # the server sends no more work: finish the queues, then stop
         if self.metrics_server is not None:
             await asyncio.to_thread(self.metrics_server.shutdown)

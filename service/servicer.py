@@ -69,14 +69,28 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         self.metrics = metrics
         self.max_items = max_items
 
-    async def _images_out(
-        self, probabilities: np.ndarray, image_format: codec.ImageFormat, seed: int
-    ) -> vae_pb2.ImageOutput:
+    async def _images_into(
+        self,
+        output: vae_pb2.ImageOutput,
+        probabilities: np.ndarray,
+        image_format: codec.ImageFormat,
+        seed: int,
+    ) -> None:
+        """Convert the images into `output`, a field of the reply (large conversions off the
+        event loop)."""
         n = probabilities.shape[0]
         png = image_format == vae_pb2.IMAGE_FORMAT_PNG
         if n > (INLINE_PNG_IMAGES if png else INLINE_ROWS):
-            return await self.model.offload(codec.images_out, probabilities, image_format, seed)
-        return codec.images_out(probabilities, image_format, seed)
+            await self.model.offload(codec.images_into, output, probabilities, image_format, seed)
+        else:
+            codec.images_into(output, probabilities, image_format, seed)
+
+    async def _images_out(
+        self, probabilities: np.ndarray, image_format: codec.ImageFormat, seed: int
+    ) -> vae_pb2.ImageOutput:
+        output = vae_pb2.ImageOutput()
+        await self._images_into(output, probabilities, image_format, seed)
+        return output
 
     async def Encode(
         self, request: vae_pb2.EncodeRequest, context: grpc.aio.ServicerContext
@@ -95,12 +109,12 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         seed = _seed(request)
         mean, log_variance = await self.model.encode(images, deadline=_deadline(context))
         self.metrics.images_encoded.inc(n)
-        return vae_pb2.EncodeResponse(
-            mean=codec.tensor_out(mean),
-            log_variance=codec.tensor_out(log_variance),
-            samples=codec.tensor_out(posterior_samples(mean, log_variance, k, seed)) if k else None,
-            seed=seed,
-        )
+        response = vae_pb2.EncodeResponse(seed=seed)  # filled in place: no message copies
+        codec.tensor_into(response.mean, mean)
+        codec.tensor_into(response.log_variance, log_variance)
+        if k:
+            codec.tensor_into(response.samples, posterior_samples(mean, log_variance, k, seed))
+        return response
 
     async def Decode(
         self, request: vae_pb2.DecodeRequest, context: grpc.aio.ServicerContext
@@ -114,9 +128,10 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         image_format = codec.format_in(request.format, "format")
         seed = _seed(request)
         probabilities = await self.model.decode(latents, deadline=_deadline(context))
-        images = await self._images_out(probabilities, image_format, seed)
+        response = vae_pb2.DecodeResponse(seed=seed)
+        await self._images_into(response.images, probabilities, image_format, seed)
         self.metrics.images_generated.inc(latents.shape[0])
-        return vae_pb2.DecodeResponse(images=images, seed=seed)
+        return response
 
     async def Sample(
         self, request: vae_pb2.SampleRequest, context: grpc.aio.ServicerContext
@@ -127,13 +142,12 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         seed = _seed(request)
         latents = prior_latents(count, self.model.info.latent_size, seed, temperature)
         probabilities = await self.model.decode(latents, deadline=_deadline(context))
-        images = await self._images_out(probabilities, image_format, seed)
+        response = vae_pb2.SampleResponse(seed=seed)
+        await self._images_into(response.images, probabilities, image_format, seed)
+        if request.return_latents:
+            codec.tensor_into(response.latents, latents)
         self.metrics.images_generated.inc(count)
-        return vae_pb2.SampleResponse(
-            images=images,
-            latents=codec.tensor_out(latents) if request.return_latents else None,
-            seed=seed,
-        )
+        return response
 
     async def GetModelInfo(
         self, request: vae_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext

@@ -1,0 +1,23 @@
+"""Fixtures for the reliability tests: a throwaway PKI; helpers live in reliability_harness.py.
+The long campaign is `make reliability` (bench/reliability.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+# `bench` is not an installed package and the service harness lives beside the service tests:
+# make both importable under a bare `pytest` too.
+ROOT = Path(__file__).resolve().parents[2]
+for path in (ROOT, ROOT / "tests" / "service"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from bench.certificates import Pki, make_pki  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))

@@ -2,8 +2,8 @@
 
 ServiceError subclasses are answered with their own code and message; anything else is logged
 with its traceback and answered INTERNAL with a generic message, so no internals leak. Calls
-arriving before the model is warmed up, or once shutdown has begun (`drain()`), are answered
-UNAVAILABLE, so the client's retry takes them to another replica.
+arriving before the model is warmed up are answered UNAVAILABLE, so the client's retry takes
+them to another replica (once shutdown begins, gRPC itself refuses new calls).
 
 Admission: at most `max_in_flight` inference calls (every VaeService RPC but the cheap ones in
 `NOT_INFERENCE`) are handled at once; one more is answered RESOURCE_EXHAUSTED at once, naming the
@@ -63,19 +63,19 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         self.models = models
         self.max_in_flight = max_in_flight
         self.inference_in_flight = 0
-        self.draining = False
-
-    def drain(self) -> None:
-        """Shutdown began: answer new calls UNAVAILABLE; the ones in flight go on."""
-        self.draining = True
+        # One wrapped handler per method, built on its first call (gRPC asks on every call).
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
         method_path: str = handler_call_details.method  # type: ignore[attr-defined]
+        cached = self._handlers.get(method_path)
+        if cached is not None:
+            return cached
+        handler = await continuation(handler_call_details)
         if (
             handler is None
             or handler.unary_unary is None
@@ -85,11 +85,13 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         behavior = cast(Handler, handler.unary_unary)  # an async def in a grpc.aio server
         method = method_path.removeprefix(SERVICE_PREFIX)
         parse = _parser(cast(Parser, handler.request_deserializer), REQUEST_TYPES[method])
-        return grpc.unary_unary_rpc_method_handler(
+        wrapped = grpc.unary_unary_rpc_method_handler(
             self._wrap(behavior, parse, method),
             request_deserializer=None,  # the raw bytes: parsed in the call, see _parser
             response_serializer=handler.response_serializer,
         )
+        self._handlers[method_path] = wrapped
+        return wrapped
 
     @contextlib.contextmanager
     def _admit(self, method: str) -> Iterator[None]:
@@ -127,8 +129,6 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             start = time.perf_counter()
             metrics.in_flight.inc()
             try:
-                if self.draining:
-                    raise Unavailable("the server is shutting down; retry on another replica")
                 if not self.ready.is_set():
                     raise Unavailable("the model is still warming up; retry shortly")
                 with self._admit(method):

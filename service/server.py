@@ -82,6 +82,19 @@ def create_server(
     return server, port
 
 
+def create_health_server(settings: Settings, health: HealthServicer) -> tuple[grpc.aio.Server, int]:
+    """A plaintext server of grpc.health.v1 alone on settings.health_port, sharing `health`
+    with the main server: for kubelet gRPC probes, which cannot speak TLS, when the main port
+    does. It tells nothing but SERVING or NOT_SERVING."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    address = f"{settings.host}:{settings.health_port}"
+    try:
+        return server, server.add_insecure_port(address)
+    except RuntimeError as e:
+        raise StartupError(f"cannot listen on {address} (health_port): {e}") from e
+
+
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     """TLS credentials from the settings' PEM files (mutual TLS when a client CA is set), or
     None for plaintext, which is for local development only (a warning is logged)."""
@@ -143,6 +156,8 @@ class Service:
     metrics_server: WSGIServer | None
     metrics_port: int | None
     interceptor: ServiceInterceptor
+    health_server: grpc.aio.Server | None = None
+    health_port: int | None = None
     watcher: asyncio.Task[None] | None = None
     stopped: bool = False
 
@@ -174,8 +189,11 @@ class Service:
         interceptor = ServiceInterceptor(
             metrics, ready, models=models, max_in_flight=settings.max_in_flight
         )
+        health_server, health_port = None, None
         try:
             server, port = create_server(settings, servicer, health, interceptor)
+            if settings.health_port >= 0:
+                health_server, health_port = create_health_server(settings, health)
         except StartupError:
             await models.close()
             raise
@@ -191,6 +209,9 @@ class Service:
                     f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {e}"
                 ) from e
         await server.start()
+        if health_server is not None:
+            await health_server.start()
+            log.info("plaintext health checks (grpc.health.v1 only) on port %d", health_port)
         await models.warm_up()
         ready.set()
         await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
@@ -217,18 +238,24 @@ class Service:
             metrics_server,
             metrics_port,
             interceptor,
+            health_server,
+            health_port,
             watcher,
         )
 
     async def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING at once; refuse new calls; let in-flight ones finish within `grace`
-        (settings.grace_period by default); then release the threads and the metrics port."""
+        """NOT_SERVING at once; gRPC refuses new calls (GOAWAY, so clients retry elsewhere)
+        while the calls it had received finish within `grace` (settings.grace_period by
+        default); then release the threads and the metrics port."""
         if self.stopped:
             return
         self.stopped = True
         grace = self.settings.grace_period if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        self.interceptor.drain()
+        if self.watcher is not None:
+            self.watcher.cancel()
+        stopping = asyncio.ensure_future(self.server.stop(grace))
+        await asyncio.sleep(0)  # stop() has begun: from here gRPC refuses new calls itself
         log.info(
             "shutting down: NOT_SERVING, refusing new calls; %d inference calls in flight get up "
             "to %.1f s",
@@ -236,15 +263,16 @@ class Service:
             grace,
         )
         if self.watcher is not None:
-            self.watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.watcher
-        await self.server.stop(grace)
+        await stopping
         if self.interceptor.inference_in_flight:  # gRPC cancelled them at the grace period
             log.warning(
                 "%d inference calls were cut off at the end of the grace period",
                 self.interceptor.inference_in_flight,
             )
+        if self.health_server is not None:
+            await self.health_server.stop(None)
         await self.models.close()  # the server sends no more work: finish the queues, then stop
         if self.metrics_server is not None:
             await asyncio.to_thread(self.metrics_server.shutdown)

@@ -12,18 +12,32 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 8000
+IMAGE_BYTES = 28 * 28 * 4  # one float32 image, the largest row a request carries
+
+
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPU quota of this process's cgroup (what a Kubernetes CPU limit sets) in CPUs:
+    cgroup v2's cpu.max, else v1's cfs_quota_us / cfs_period_us; None without a quota."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
 
 
 def usable_cpus() -> int:
-    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota
-    (what a Kubernetes CPU limit sets), never the host's core count."""
+    """CPUs this process may use: its affinity mask, capped by the cgroup CPU quota, never the
+    host's core count."""
     count = len(os.sched_getaffinity(0))
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            count = min(count, max(1, int(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
+    limit = cgroup_cpu_limit()
+    if limit is not None:
+        count = min(count, max(1, int(limit)))
     return max(1, count)
 
 
@@ -62,8 +76,9 @@ class Settings(BaseSettings):
 
     max_items_per_request: int = Field(default=4096, ge=1)
     """Largest count / batch N one request may ask for."""
-    max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=4 * 1024 * 1024)
-    """gRPC max send/receive message size; fits the largest request and reply."""
+    max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=4 * 1024 * 1024)
+    """gRPC max send/receive message size: at least the largest request, max_items_per_request
+    float32 images (12.8 MB at 4096), plus 1 MiB; larger only lets a caller cost more memory."""
 
     batching: bool = True
     """Merge concurrent requests for one network into one ONNX Runtime run (off: one run per
@@ -73,9 +88,10 @@ class Settings(BaseSettings):
     max_queue_delay: float = Field(default=0.0, ge=0)
     """Seconds a run may wait for more rows after the oldest queued one arrived; 0 never waits
     (batches still form under load, from rows that queue while the runs are busy)."""
-    max_queue_rows: int = Field(default=16384, ge=1)
+    max_queue_rows: int = Field(default=65536, ge=1)
     """Most rows queued for one network before new requests get RESOURCE_EXHAUSTED; at least
-    max_items_per_request."""
+    max_items_per_request. The default, max_in_flight x max_batch_size, lets the in-flight
+    limit bind first for requests of up to a batch."""
     inline_max_rows: int = Field(default=0, ge=0)
     """Runs of at most this many rows run on the event loop instead of a worker thread
     (0: never); a tiny run costs less than the hop to a thread and back."""
@@ -95,6 +111,10 @@ class Settings(BaseSettings):
     """Seconds between polls of the model repository for a new version to swap in without a
     restart; 0: no polling (SIGHUP still reloads)."""
 
+    health_port: int = Field(default=-1, ge=-1, le=65535)
+    """A plaintext port serving grpc.health.v1 alone, for probes that cannot speak TLS (the
+    kubelet's) when the main port does; 0 picks a free one, -1 (the default): none."""
+
     tls_cert: Path | None = None
     """PEM server certificate (chain): serve TLS instead of plaintext. Needs tls_key."""
     tls_key: Path | None = None
@@ -111,6 +131,17 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_queue_rows ({self.max_queue_rows}) must be at least max_items_per_request "
                 f"({self.max_items_per_request}), or the largest request could never be queued"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _messages_fit_a_request(self) -> Settings:
+        largest = self.max_items_per_request * IMAGE_BYTES + 2**20
+        if self.max_message_bytes < largest:
+            raise ValueError(
+                f"max_message_bytes ({self.max_message_bytes}) must be at least {largest}: "
+                f"max_items_per_request ({self.max_items_per_request}) float32 images of "
+                f"{IMAGE_BYTES} bytes, plus 1 MiB"
             )
         return self
 

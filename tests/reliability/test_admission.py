@@ -112,7 +112,7 @@ def test_a_message_above_max_message_bytes_is_refused_by_grpc_itself(tiny_model:
     """One caller cannot make the server buffer more than max_message_bytes for one message:
     gRPC refuses it before any of our code (or memory for the tensor) is involved."""
     limit = 4 * 1024 * 1024
-    settings = tiny_settings(tiny_model, max_message_bytes=limit)
+    settings = tiny_settings(tiny_model, max_message_bytes=limit, max_items_per_request=512)
     with running(settings) as served, open_channel(served.target) as channel:
         stub = vae_pb2_grpc.VaeServiceStub(channel)  # this client would send up to 64 MiB
         rows = limit // (4 * 4) + 1  # float32 latents of size 4, just over the limit
@@ -128,9 +128,9 @@ def test_a_message_above_max_message_bytes_is_refused_by_grpc_itself(tiny_model:
         assert "larger than max" in refused.details()  # type: ignore[attr-defined]
         assert metric(served, "vae_requests_total", method="Decode", code="OK") == 0
 
-        too_many = refusal(stub.Sample, vae_pb2.SampleRequest(count=4097))
+        too_many = refusal(stub.Sample, vae_pb2.SampleRequest(count=513))
         assert too_many.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
-        assert too_many.details() == "count: expected 1 to 4096, got 4097"  # type: ignore[attr-defined]
+        assert too_many.details() == "count: expected 1 to 512, got 513"  # type: ignore[attr-defined]
         assert stub.Sample(ONE, timeout=30).images.tensor.shape == [1, 28, 28]
 
 

@@ -189,3 +189,21 @@ def test_tls_settings_are_checked(tiny_model: Path, pki: Pki, tmp_path: Path) ->
         settings = tiny_settings(tiny_model, tls_cert=cert, tls_key=key, tls_client_ca=client_ca)
         with pytest.raises(StartupError, match=reason), running(settings):
             pass
+
+
+def test_a_plaintext_health_port_serves_probes_beside_tls(tiny_model: Path, pki: Pki) -> None:
+    """What the kubelet's gRPC probes (plaintext only) need when the main port speaks TLS: a
+    port with grpc.health.v1 alone, following the server's status."""
+    settings = tiny_settings(
+        tiny_model, tls_cert=pki.server_cert, tls_key=pki.server_key, health_port=0
+    )
+    with running(settings) as served:
+        port = served.service.health_port
+        assert port is not None and port != served.service.port
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            assert health(channel) == "SERVING"
+            with pytest.raises(grpc.RpcError) as only_health:
+                vae_pb2_grpc.VaeServiceStub(channel).GetModelInfo(INFO, timeout=10)
+            assert only_health.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
+            served.background.run(served.service.health.enter_graceful_shutdown())
+            assert health(channel) == "NOT_SERVING"

@@ -153,7 +153,7 @@ def server_process(tiny_model: Path) -> Iterator[Process]:
 
 
 def test_sigterm_with_calls_in_flight_loses_none(server_process: Process) -> None:
-    calls = 4  # 4 x 4096 rows: all the decoder's queue holds (max_queue_rows 16384)
+    calls = 6
     metrics_url = f"http://127.0.0.1:{server_process.metrics_port}/metrics"
     with open_channel(f"127.0.0.1:{server_process.port}") as channel:
         stub = vae_pb2_grpc.VaeServiceStub(channel)
@@ -175,7 +175,12 @@ def test_sigterm_with_calls_in_flight_loses_none(server_process: Process) -> Non
                 vae_pb2_grpc.VaeServiceStub(late).GetModelInfo(
                     vae_pb2.GetModelInfoRequest(), timeout=5
                 )
-            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+            # gRPC refuses it itself: UNAVAILABLE, or CANCELLED when the new connection raced
+            # the listener's close (calls on open connections get GOAWAY and are retried).
+            assert refused.value.code() in (  # type: ignore[attr-defined]
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.CANCELLED,
+            )
             replies = [f.result() for f in futures]
     assert [len(r.images.png) for r in replies] == [4096] * calls
     assert server_process.popen.wait(30) == 0

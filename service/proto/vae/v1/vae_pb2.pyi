@@ -11,7 +11,7 @@ Limits (server settings):
 - At most `max_items_per_request` images or latents per request (default 4096): Sample.count,
   the N of Encode and Decode, N * samples_per_image for Encode, Interpolate.steps, and
   N * max(importance_samples, 1) for Score.
-- gRPC messages up to `max_message_bytes` each way (default 64 MiB, raised from gRPC's 4 MiB
+- gRPC messages up to `max_message_bytes` each way (default 16 MiB, raised from gRPC's 4 MiB
   so the largest request and reply fit: 4096 float32 images are 12.8 MB).
 
 Seeds: every random draw (Sample's z, Encode's and Score's eps, IMAGE_FORMAT_BINARY's pixels)

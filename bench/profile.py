@@ -50,7 +50,7 @@ PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("metrics (prometheus_client)", ("prometheus_client",)),
     (
         "batcher and executor hop",
-        ("(service/batching.py", "(concurrent/futures", "(asyncio/futures.py", "run_in_executor"),
+        ("(service/batch", "(concurrent/futures", "(asyncio/futures.py", "run_in_executor"),
     ),
     (
         "servicer, interceptor, model lease",

@@ -1,9 +1,8 @@
 """Dynamic batching: concurrent requests for one network merged into one ONNX Runtime run.
 
 A `Batcher` owns one network's queue. Requests are counted in rows (images or latents), not
-calls: rows queue until `max_batch_size` of them are waiting or the oldest has waited
-`max_queue_delay` seconds, then one run takes them all (stacked with one `np.concatenate`) on
-the executor, and each caller gets views of its own rows of every output. A request larger than
+calls: a run takes up to `max_batch_size` queued rows (stacked with one `np.concatenate`) on the
+executor, and each caller gets views of its own rows of every output. A request larger than
 `max_batch_size` is split across runs (its chunks may share a run with other requests) and
 reassembled in order: its outputs are copied once into arrays of its own, the one copy on the
 way out, so keep `max_batch_size` at or above the usual request size (batch 256 to 1024 runs
@@ -11,32 +10,42 @@ as fast per row as anything larger). The run is deterministic row by row (noise 
 applied by the caller, outside the batcher), so a batched result equals an unbatched one.
 A batcher belongs to the event loop of its first `submit`.
 
-One asyncio task per batcher gathers requests; it keeps up to `max_concurrent_runs` runs in
-flight (one per executor worker keeps the cores busy) and never busy-waits: it sleeps on a
-future that `submit` resolves only when the gatherer has something to do. When several run
-slots are free, the queued rows are shared out over them (runs of at least `MIN_SPLIT_ROWS`),
-so a burst, or one large request, runs on every worker at once instead of one greedy run.
-
-Runs of at most `inline_max_rows` rows (0 by default: none) are computed on the event loop
-itself: a one-row decode costs less than the hop to a worker thread and back.
-
-`max_queue_delay` trades latency for batch size: each run waits for a full batch or the delay.
-With 0, batches still form on their own under load (rows queue while the runs are in flight)
-without ever delaying a request on an idle server; that is usually the best setting.
+When runs start:
+- The fast path: a request that finds nothing queued and a run slot free goes straight from
+  `submit` to a run of its own, with no hop through the gatherer task, so a lone caller costs
+  what the pass-through costs.
+- Otherwise its rows queue, and one asyncio task (the gatherer) starts runs as slots free up,
+  up to `max_concurrent_runs` in flight (one per executor worker keeps the cores busy). Rows
+  that queue while every slot is busy share the next run, so batches form under load without
+  any waiting. With several slots free, the queued rows are shared out over them (runs of at
+  least `MIN_SPLIT_ROWS`): a burst, or one large request, runs on every worker at once.
+- Holding (`adaptive_delay`; the details and figures are in `service.batch_hold`): small
+  requests from many callers would still each run alone, as every run ends before the next
+  call reaches the batcher, and each would pay a run's fixed cost and gRPC's cost of waking up
+  for a lone reply. So every 256th fast-path request is a probe: it waits a little, and if
+  another request joins, the batcher starts holding. While holding, a batch of fewer than 64
+  rows waits for more as long as the event loop is busy with other calls (a pass of the loop
+  takes 20 us or more, or brings rows), at most `adaptive_delay`; 16 idle passes in a row end
+  the wait at once. Holding stops when holds gather fewer than 2.5 requests on average. A lone
+  caller never waits: its probes meet an idle loop and end within tens of microseconds.
+- `max_queue_delay` > 0 replaces all that with a fixed wait: every partial batch waits for a
+  full one or that delay (no fast path, no probes), even on an idle server.
+- Runs of at most `inline_max_rows` rows are computed on the event loop itself: a run of a few
+  rows costs less than the hop to a worker thread and back.
 
 Limits and drops:
 - The queue holds at most `max_queue_rows` rows not yet handed to a run; a request that does
   not fit raises `ResourceExhausted` at once.
 - Deadlines are absolute `time.monotonic()` seconds (from gRPC: `time.monotonic() +
   context.time_remaining()`). A request whose deadline has passed when its rows would be taken
-  raises `DeadlineExceeded` and is never computed.
+  (or, on the fast path, when its run starts on a worker) raises `DeadlineExceeded` and is never
+  computed.
 - If the task awaiting `submit` is cancelled (the client went away), its queued rows are removed
   at once; chunks of it already in a run finish but their rows are dropped, others unaffected.
 
-Batching off (`enabled=False`) is a pass-through: one run per request on the executor, with the
-same queue bound (rows submitted and not finished), deadline check (just before the run starts)
-and observer calls, so the two modes are measured alike. `max_queue_delay=0` is a different
-thing: no waiting, yet rows that queue while every run slot is busy still share the next run.
+Batching off (`enabled=False`) is a pass-through: one run per request, with the same queue bound
+(rows submitted and not finished), deadline check (just before the run starts), inline runs and
+observer calls, so the two modes are measured alike.
 """
 
 from __future__ import annotations
@@ -46,20 +55,28 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Executor
-from typing import Protocol
 
 import numpy as np
 
+from service.batch_hold import HOLD_ROWS, Holding
+from service.batch_queue import (
+    BatchObserver,
+    NullObserver,
+    Outputs,
+    Request,
+    RunFn,
+    Segment,
+    as_outputs,
+    fail,
+    settle,
+    stack,
+    take,
+)
 from service.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 
 logger = logging.getLogger(__name__)
-
-RunFn = Callable[[np.ndarray], Sequence[np.ndarray]]
-"""One synchronous run over stacked rows; row i of every output belongs to input row i."""
-
-Outputs = tuple[np.ndarray, ...]
 
 # With several run slots free, queued rows are shared out over them in runs of at least this
 # many rows (fewer rows go as one run: below this a run's fixed cost outweighs the parallelism).
@@ -67,52 +84,6 @@ MIN_SPLIT_ROWS = 16
 # A batch whose delay ends within this many seconds goes now: sleeping for less would spin,
 # as uvloop rounds timers to whole milliseconds (a 0.4 ms timer fires at once).
 TIMER_SLACK = 0.0005
-
-
-class BatchObserver(Protocol):
-    """What the batcher reports; `service.metrics` wires it to Prometheus."""
-
-    def observe_run(self, rows: int) -> None:
-        """A run was started over `rows` rows (the batch-size histogram and runs counter)."""
-
-    def observe_queue_wait(self, seconds: float) -> None:
-        """A request waited `seconds` from `submit` until its first rows went to a run."""
-
-    def set_queue_depth(self, rows: int) -> None:
-        """Rows now queued and not yet in a run (pass-through: submitted and not finished)."""
-
-
-class _NullObserver:
-    def observe_run(self, rows: int) -> None:
-        pass
-
-    def observe_queue_wait(self, seconds: float) -> None:
-        pass
-
-    def set_queue_depth(self, rows: int) -> None:
-        pass
-
-
-class _Request:
-    """One submitted request: its rows, how far they have been handed to runs, its result."""
-
-    __slots__ = ("deadline", "done_rows", "future", "n", "next_row", "outputs", "rows", "submitted")
-
-    def __init__(
-        self, rows: np.ndarray, deadline: float | None, future: asyncio.Future[Outputs]
-    ) -> None:
-        self.rows = rows
-        self.n = rows.shape[0]
-        self.deadline = deadline
-        self.future = future
-        self.submitted = time.monotonic()
-        self.next_row = 0  # rows before this one are in a run (or done)
-        self.done_rows = 0  # rows whose outputs are written (split requests only)
-        self.outputs: Outputs | None = None  # reassembly buffers (split requests only)
-
-
-# A slice of a run: request, its rows [start, stop), and where they begin in the batch.
-_Segment = tuple[_Request, int, int, int]
 
 
 class Batcher:
@@ -131,6 +102,7 @@ class Batcher:
         observer: BatchObserver | None = None,
         enabled: bool = True,
         inline_max_rows: int = 0,
+        adaptive_delay: float = 0.0,
         name: str = "batcher",
     ) -> None:
         """
@@ -138,22 +110,23 @@ class Batcher:
             run: the network, e.g. `lambda x: session.run(None, {"latent": x})`.
             executor: where runs happen, off the event loop.
             max_batch_size: most rows in one run.
-            max_queue_delay: seconds a run waits for more rows after the oldest queued one
-                arrived (0: never wait). Timers have the event loop's resolution (uvloop: 1 ms).
+            max_queue_delay: seconds every partial batch waits for more rows after the oldest
+                queued one arrived (0: the adaptive policy instead). Timers have the event
+                loop's resolution (uvloop: 1 ms).
             max_queue_rows: most rows waiting for a run; keep it >= the largest request
                 allowed, or such a request can never be admitted.
             max_concurrent_runs: runs in flight at once; set it to the executor's workers.
             observer: metrics sink (see `BatchObserver`).
             enabled: False for the pass-through mode (one run per request).
             inline_max_rows: runs of at most this many rows run on the event loop itself,
-                skipping the executor (0: never). A one-row decode takes a few tens of
-                microseconds, less than the hop to a worker thread and back costs.
+                skipping the executor (0: never).
+            adaptive_delay: longest wait of a partial batch while holding (0: never hold).
             name: the network's name, used in error messages and logs.
         """
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        if max_queue_delay < 0:
-            raise ValueError(f"max_queue_delay must be >= 0, got {max_queue_delay}")
+        if max_queue_delay < 0 or adaptive_delay < 0:
+            raise ValueError("max_queue_delay and adaptive_delay must be >= 0")
         if max_queue_rows < 1:
             raise ValueError(f"max_queue_rows must be >= 1, got {max_queue_rows}")
         if max_concurrent_runs < 1:
@@ -167,26 +140,34 @@ class Batcher:
         self.enabled = enabled
         self.inline_max_rows = inline_max_rows
         self.name = name
-        self._observer: BatchObserver = observer or _NullObserver()
+        self._observer: BatchObserver = observer or NullObserver()
 
-        self._queue: deque[_Request] = deque()
+        self._queue: deque[Request] = deque()
         self._queued_rows = 0  # rows not yet handed to a run (pass-through: not finished)
-        self._in_flight = 0  # runs started and not finished
+        self._in_flight = 0  # runs on the executor, started and not finished
         self._row_shape: tuple[int, ...] | None = None  # fixed by the first request
         self._dtype: np.dtype | None = None
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # The gatherer sleeps on `_waiter`; `submit` resolves it once `_queued_rows` reaches
-        # `_wake_rows` (1 when idle, max_batch_size while filling a batch, never while all run
-        # slots are busy: a finishing run wakes it then).
+        # `_wake_rows` (1 when idle, max_batch_size while filling a batch), and a finishing run
+        # does while it `_wants_slot` (all run slots busy).
         self._waiter: asyncio.Future[None] | None = None
         self._wake_rows = 1
+        self._never = max_queue_rows + 1  # a row count `submit` never reaches
+        self._wants_slot = False
         self._runs_done: asyncio.Event | None = None
+        self._holding = Holding(adaptive_delay)
 
     @property
     def queued_rows(self) -> int:
         return self._queued_rows
+
+    @property
+    def holding(self) -> bool:
+        """Whether partial batches wait for more rows now (`service.batch_hold`)."""
+        return self._holding.on
 
     async def submit(self, rows: np.ndarray, deadline: float | None = None) -> Outputs:
         """Run `rows` ([N, ...], N >= 1) through the network, batched with other requests.
@@ -207,13 +188,16 @@ class Batcher:
                 f"{self.name}: queue full ({self._queued_rows} rows queued + {n} requested "
                 f"> max_queue_rows {self.max_queue_rows})"
             )
-        if deadline is not None and deadline <= time.monotonic():
+        now = time.monotonic()
+        if deadline is not None and deadline <= now:
             raise DeadlineExceeded(f"{self.name}: deadline passed before the request was queued")
         if not self.enabled:
-            return await self._run_direct(rows, n, deadline)
+            return await self._run_passing_through(rows, n, deadline, now)
 
         loop = self._ensure_started()
-        request = _Request(rows, deadline, loop.create_future())
+        if not self._queue and self._runs_alone(n):
+            return await self._run_now(rows, n, deadline, now, loop)
+        request = Request(rows, deadline, loop.create_future(), now)
         self._queue.append(request)
         self._queued_rows += n
         self._observer.set_queue_depth(self._queued_rows)
@@ -226,10 +210,11 @@ class Batcher:
             raise
 
     def flush(self) -> None:
-        """Stop waiting for fuller batches (max_queue_delay becomes 0): what is queued runs as
-        soon as a run slot is free. For a retired model version, whose batches no new call
-        will fill."""
+        """Stop waiting for fuller batches (no delay, no holding): what is queued runs as soon
+        as a run slot is free. For a retired model version, whose batches no new call will
+        fill."""
         self.max_queue_delay = 0.0
+        self._holding.stop()
         self._wake()
 
     async def close(self) -> None:
@@ -261,7 +246,7 @@ class Batcher:
             self._task = self._loop.create_task(self._gather(), name=f"{self.name}-batcher")
         return self._loop
 
-    def _forget(self, request: _Request) -> None:
+    def _forget(self, request: Request) -> None:
         """The caller was cancelled: take its rows not yet in a run off the queue."""
         left = request.n - request.next_row
         if left:
@@ -271,32 +256,74 @@ class Batcher:
             with contextlib.suppress(ValueError):  # gone if the batcher task failed
                 self._queue.remove(request)
 
-    async def _run_direct(self, rows: np.ndarray, n: int, deadline: float | None) -> Outputs:
+    def _runs_alone(self, n: int) -> bool:
+        """Whether `n` rows arriving at an empty queue take the fast path: no fixed delay, a
+        free run slot, one run's worth, and (if few enough to hold) not held."""
+        free = self.max_concurrent_runs - self._in_flight
+        return (
+            self.max_queue_delay == 0
+            and free > 0
+            and n <= self.max_batch_size
+            and min(free, n // MIN_SPLIT_ROWS) <= 1  # else worth sharing out over the slots
+            and (n >= HOLD_ROWS or self._holding.lets_run_now())
+        )
+
+    async def _run_now(
+        self,
+        rows: np.ndarray,
+        n: int,
+        deadline: float | None,
+        submitted: float,
+        loop: asyncio.AbstractEventLoop,
+    ) -> Outputs:
+        """The rows as a run of their own, inline or on the executor (observed once it ran)."""
+        observer = self._observer
+        if n <= self.inline_max_rows:
+            inline = as_outputs(self._run(rows), n, self.name)
+            observer.observe_run(n)
+            observer.observe_queue_wait(0.0)
+            return inline
+        work = self._executor.submit(self._timed_run, rows, deadline)
+        self._in_flight += 1
+        try:
+            started, outputs = await asyncio.wrap_future(work, loop=loop)
+        except asyncio.CancelledError:
+            # The caller went away; a run that started keeps its slot until it ends.
+            work.add_done_callback(lambda _: loop.call_soon_threadsafe(self._run_ended))
+            raise
+        except BaseException:
+            self._run_ended()
+            raise
+        self._run_ended()
+        observer.observe_run(n)
+        observer.observe_queue_wait(started - submitted)
+        return as_outputs(outputs, n, self.name)
+
+    def _run_ended(self) -> None:
+        self._in_flight -= 1
+        if self._wants_slot:
+            self._wake()
+
+    async def _run_passing_through(
+        self, rows: np.ndarray, n: int, deadline: float | None, submitted: float
+    ) -> Outputs:
+        """Batching off: every request runs alone, as on the fast path, its rows counted as
+        queued until it ends."""
         if self._runs_done is None:
             self._runs_done = asyncio.Event()
-        loop = asyncio.get_running_loop()
         self._queued_rows += n
         self._observer.set_queue_depth(self._queued_rows)
-        submitted = time.monotonic()
         try:
-            if n <= self.inline_max_rows:
-                started, outputs = self._timed_run(rows, deadline)
-            else:
-                started, outputs = await loop.run_in_executor(
-                    self._executor, self._timed_run, rows, deadline
-                )
+            return await self._run_now(rows, n, deadline, submitted, asyncio.get_running_loop())
         finally:
             self._queued_rows -= n
             self._observer.set_queue_depth(self._queued_rows)
             self._runs_done.set()
-        self._observer.observe_run(n)
-        self._observer.observe_queue_wait(started - submitted)
-        return _as_outputs(outputs, n, self.name)
 
     def _timed_run(
         self, rows: np.ndarray, deadline: float | None
     ) -> tuple[float, Sequence[np.ndarray]]:
-        """Pass-through run on a worker thread; the deadline is checked as it starts."""
+        """A run of one request's rows; the deadline is checked as it starts."""
         started = time.monotonic()
         if deadline is not None and deadline <= started:
             raise DeadlineExceeded(f"{self.name}: deadline passed while the request was queued")
@@ -309,16 +336,19 @@ class Batcher:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def _sleep(self, wake_rows: int, timeout: float | None = None) -> None:
-        """Sleep until woken (rows reached `wake_rows`, a run finished, close) or `timeout`."""
+    async def _sleep(
+        self, wake_rows: int, timeout: float | None = None, *, wants_slot: bool = False
+    ) -> None:
+        """Sleep until woken (rows reached `wake_rows`, a run finished if `wants_slot`, close)
+        or `timeout`."""
         assert self._loop is not None
         waiter = self._loop.create_future()
-        self._waiter, self._wake_rows = waiter, wake_rows
+        self._waiter, self._wake_rows, self._wants_slot = waiter, wake_rows, wants_slot
         timer = None if timeout is None else self._loop.call_later(timeout, self._wake)
         try:
             await waiter
         finally:
-            self._waiter, self._wake_rows = None, 1
+            self._waiter, self._wake_rows, self._wants_slot = None, 1, False
             if timer is not None:
                 timer.cancel()
 
@@ -336,27 +366,38 @@ class Batcher:
             raise
 
     async def _gather_forever(self) -> None:
-        never = self.max_queue_rows + 1  # a row count `submit` never reaches
         while True:
             while self._in_flight >= self.max_concurrent_runs:
-                await self._sleep(never)  # a finishing run wakes us
+                await self._sleep(self._never, wants_slot=True)
             while self._queued_rows == 0:
                 if self._closing:
                     while self._in_flight:
-                        await self._sleep(never)
+                        await self._sleep(self._never, wants_slot=True)
                     return
                 await self._sleep(1)
             head = self._queue[0]
-            if self.max_queue_delay > 0 and head.next_row == 0:
-                # Wait for a full batch, at most until the oldest queued request's delay ends
-                # (the rest of a request already split goes at once).
-                oldest = head.submitted
-                while not self._closing and 0 < self._queued_rows < self.max_batch_size:
-                    left = oldest + self.max_queue_delay - time.monotonic()
-                    if left < TIMER_SLACK:  # uvloop's timers round to whole milliseconds
-                        break
-                    await self._sleep(self.max_batch_size, left)
+            if head.next_row == 0:  # (the rest of a request already split goes at once)
+                if self.max_queue_delay > 0:
+                    await self._wait_for_rows(head.submitted)
+                elif self._rows_worth_waiting() and (delay := self._holding.delay()) > 0:
+                    await self._holding.wait(head.submitted, delay, self._rows_worth_waiting)
+                    self._holding.ended(len(self._queue))
             self._dispatch()
+
+    def _rows_worth_waiting(self) -> int | None:
+        """The rows queued, or None if holding them is pointless: enough for a run (HOLD_ROWS
+        or a full batch), an empty queue, or closing."""
+        rows = self._queued_rows
+        enough = min(HOLD_ROWS, self.max_batch_size)
+        return rows if 0 < rows < enough and not self._closing else None
+
+    async def _wait_for_rows(self, since: float) -> None:
+        """Sleep until a full batch is queued, the delay from `since` has passed, or close."""
+        while not self._closing and 0 < self._queued_rows < self.max_batch_size:
+            left = since + self.max_queue_delay - time.monotonic()
+            if left < TIMER_SLACK:  # uvloop's timers round to whole milliseconds
+                break
+            await self._sleep(self.max_batch_size, left)
 
     def _batch_limit(self) -> int:
         """Rows for the next run: up to max_batch_size, but shared out when several run slots
@@ -367,125 +408,30 @@ class Batcher:
             return min(self.max_batch_size, -(-self._queued_rows // parts))
         return self.max_batch_size
 
-    def _take(self) -> tuple[list[_Segment], int]:
-        """Take the next run's rows, oldest first, dropping expired requests."""
-        segments: list[_Segment] = []
-        total = 0
-        now = time.monotonic()
-        queue = self._queue
-        limit = self._batch_limit()
-        while queue and total < limit:
-            request = queue[0]
-            if request.future.done():  # a split request whose earlier chunk failed
-                queue.popleft()
-                self._queued_rows -= request.n - request.next_row
-                request.next_row = request.n
-                continue
-            start = request.next_row
-            if start == 0:
-                if request.deadline is not None and request.deadline <= now:
-                    queue.popleft()
-                    self._queued_rows -= request.n
-                    request.next_row = request.n
-                    request.future.set_exception(
-                        DeadlineExceeded(f"{self.name}: deadline passed while queued")
-                    )
-                    continue
-                self._observer.observe_queue_wait(now - request.submitted)
-            stop = min(request.n, start + limit - total)
-            segments.append((request, start, stop, total))
-            total += stop - start
-            request.next_row = stop
-            if stop == request.n:
-                queue.popleft()
-        self._queued_rows -= total
-        self._observer.set_queue_depth(self._queued_rows)
-        return segments, total
-
     def _dispatch(self) -> None:
-        segments, total = self._take()
+        """Start a run over the next rows: inline if small, else on the executor."""
+        segments, total, left = take(
+            self._queue, self._batch_limit(), time.monotonic(), self._observer, self.name
+        )
+        self._queued_rows -= left
+        self._observer.set_queue_depth(self._queued_rows)
         if not total:
             return
+        if total <= self.inline_max_rows:
+            self._observer.observe_run(total)
+            settle(segments, lambda: self._run(stack(segments)), self.name)
+            return
+        assert self._loop is not None
         try:
-            if len(segments) == 1:
-                request, start, stop, _ = segments[0]
-                batch = request.rows[start:stop]  # a view: no copy for a lone request
-            else:
-                batch = np.concatenate([r.rows[a:b] for r, a, b, _ in segments])
-            assert self._loop is not None
-            if total <= self.inline_max_rows:
-                future = self._run_inline(batch)
-            else:
-                future = self._loop.run_in_executor(self._executor, self._run, batch)
+            future = self._loop.run_in_executor(self._executor, self._run, stack(segments))
         except Exception as exc:  # e.g. the executor was shut down
             logger.exception("%s: could not start a run", self.name)
-            _fail(segments, exc)
+            fail(segments, exc)
             return
         self._in_flight += 1
         self._observer.observe_run(total)
-        if future.done():
-            self._finished(future, segments, total)
-        else:
-            future.add_done_callback(lambda f: self._finished(f, segments, total))
+        future.add_done_callback(lambda done: self._finished(done, segments))
 
-    def _run_inline(self, batch: np.ndarray) -> asyncio.Future[Sequence[np.ndarray]]:
-        """A small run on the event loop itself: cheaper than the hop to a worker and back."""
-        assert self._loop is not None
-        future: asyncio.Future[Sequence[np.ndarray]] = self._loop.create_future()
-        try:
-            future.set_result(self._run(batch))
-        except Exception as exc:
-            future.set_exception(exc)
-        return future
-
-    def _finished(
-        self, future: asyncio.Future[Sequence[np.ndarray]], segments: list[_Segment], total: int
-    ) -> None:
-        self._in_flight -= 1
-        self._wake()
-        if future.cancelled():
-            _fail(segments, asyncio.CancelledError())
-            return
-        exc = future.exception()
-        if exc is None:
-            try:
-                outputs = _as_outputs(future.result(), total, self.name)
-            except Exception as bad:
-                exc = bad
-        if exc is not None:
-            _fail(segments, exc)
-            return
-        for request, start, stop, offset in segments:
-            if request.future.done():  # cancelled meanwhile: drop its rows
-                continue
-            rows = stop - start
-            pieces = tuple(o[offset : offset + rows] for o in outputs)
-            if rows == request.n:
-                request.future.set_result(pieces)
-                continue
-            if request.outputs is None:  # a split request: reassemble in order
-                request.outputs = tuple(
-                    np.empty((request.n, *o.shape[1:]), o.dtype) for o in outputs
-                )
-            for whole, piece in zip(request.outputs, pieces, strict=True):
-                whole[start:stop] = piece
-            request.done_rows += rows
-            if request.done_rows == request.n:
-                request.future.set_result(request.outputs)
-
-
-def _as_outputs(outputs: Sequence[np.ndarray], rows: int, name: str) -> Outputs:
-    result = tuple(outputs)
-    for out in result:
-        if out.shape[:1] != (rows,):
-            raise RuntimeError(f"{name}: run returned {out.shape[:1]} rows for {rows} input rows")
-    return result
-
-
-def _fail(segments: list[_Segment], exc: BaseException) -> None:
-    for request, *_ in segments:
-        if not request.future.done():
-            if isinstance(exc, asyncio.CancelledError):
-                request.future.cancel()
-            else:
-                request.future.set_exception(exc)
+    def _finished(self, run: asyncio.Future[Sequence[np.ndarray]], segments: list[Segment]) -> None:
+        self._run_ended()
+        settle(segments, run.result, self.name)

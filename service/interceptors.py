@@ -18,10 +18,9 @@ parsed at all, which keeps refusals cheap under overload.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import grpc
@@ -93,46 +92,57 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         self._handlers[method_path] = wrapped
         return wrapped
 
-    @contextlib.contextmanager
-    def _admit(self, method: str) -> Iterator[None]:
-        """Count an inference call against max_in_flight (or refuse it), and lease the live
-        model version for the call."""
-        inference = method not in NOT_INFERENCE
+    def _refuse_if_full(self) -> None:
         limit = self.max_in_flight
-        if inference and limit is not None and self.inference_in_flight >= limit:
+        if limit is not None and self.inference_in_flight >= limit:
             self.metrics.admission_rejected.inc()
             raise ResourceExhausted(
                 f"server busy: max_in_flight ({limit} inference calls at once) reached; "
                 "retry with backoff"
             )
-        self.inference_in_flight += int(inference)
-        try:
-            if self.models is None:
-                yield
-            else:
-                with self.models.lease():
-                    yield
-        finally:
-            self.inference_in_flight -= int(inference)
 
     def _wrap(self, behavior: Handler, parse: Parser, method: str) -> Handler:
-        metrics = self.metrics
+        """The call as the service answers it: readiness, admission (an inference call counts
+        against max_in_flight and leases the live model version), parsing, the status, the
+        metrics. Plain try/finally rather than context managers: this runs on every call."""
+        metrics, models = self.metrics, self.models
+        inference = method not in NOT_INFERENCE
+        in_flight, seconds = metrics.in_flight, metrics.request_seconds.labels(method)
+        answered: dict[grpc.StatusCode, Any] = {}  # the requests counter's child per code
 
         def done(code: grpc.StatusCode, start: float) -> None:
             # Recorded before the status is sent, so a caller that scrapes right after its
             # call returns sees it counted.
-            metrics.in_flight.dec()
-            metrics.requests.labels(method, code.name).inc()
-            metrics.request_seconds.labels(method).observe(time.perf_counter() - start)
+            in_flight.dec()
+            counter = answered.get(code)
+            if counter is None:
+                counter = answered[code] = metrics.requests.labels(method, code.name)
+            counter.inc()
+            seconds.observe(time.perf_counter() - start)
+
+        async def admitted(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+            if not inference:
+                return await behavior(parse(raw), context)
+            self._refuse_if_full()
+            self.inference_in_flight += 1
+            try:
+                if models is None:
+                    return await behavior(parse(raw), context)
+                lease = models.acquire()
+                try:
+                    return await behavior(parse(raw), context)
+                finally:
+                    models.release(lease)
+            finally:
+                self.inference_in_flight -= 1
 
         async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
-            metrics.in_flight.inc()
+            in_flight.inc()
             try:
                 if not self.ready.is_set():
                     raise Unavailable("the model is still warming up; retry shortly")
-                with self._admit(method):
-                    response = await behavior(parse(raw), context)
+                response = await admitted(raw, context)
             except ServiceError as e:
                 code, message = e.code, str(e)
             except asyncio.CancelledError:

@@ -44,6 +44,7 @@ class ServedModel:
                 observer=metrics.batch_observer(name) if metrics is not None else None,
                 enabled=settings.batching,
                 inline_max_rows=settings.inline_max_rows,
+                adaptive_delay=settings.adaptive_queue_delay,
                 name=name,
             )
 

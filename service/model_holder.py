@@ -21,7 +21,7 @@ import contextlib
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Iterator
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -70,6 +70,10 @@ class _Version:
     retired: bool = False
 
 
+Lease = tuple[_Version, Token[Servable | None]]
+"""What `ModelHolder.acquire` hands out and `release` takes back."""
+
+
 def _fingerprint(directory: Path) -> tuple[tuple[str, int, int], ...]:
     """What identifies a version's files on disk (name, size, mtime), to retry a rejected
     version only once it changed."""
@@ -112,22 +116,30 @@ class ModelHolder:
             raise RuntimeError("ModelHolder.open() was not called")
         return self._live.model
 
-    @contextlib.contextmanager
-    def lease(self) -> Iterator[Servable]:
-        """The live version for one call: `CallModel` resolves to it inside the block, and the
-        version is not closed before the block ends."""
+    def acquire(self) -> Lease:
+        """Lease the live version for one call (in the call's own task): `CallModel` resolves
+        to it until `release`, and the version is not closed before then."""
         version = self._live
         if version is None:
             raise RuntimeError("ModelHolder.open() was not called")
         version.leases += 1
-        token = _leased.set(version.model)
+        return version, _leased.set(version.model)
+
+    def release(self, lease: Lease) -> None:
+        version, token = lease
+        _leased.reset(token)
+        version.leases -= 1
+        if version.retired and version.leases == 0:
+            self._close_later(version.model)
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[Servable]:
+        """`acquire` and `release` around a block."""
+        lease = self.acquire()
         try:
-            yield version.model
+            yield lease[0].model
         finally:
-            _leased.reset(token)
-            version.leases -= 1
-            if version.retired and version.leases == 0:
-                self._close_later(version.model)
+            self.release(lease)
 
     async def reload(self, *, force: bool = False) -> bool:
         """Swap in the version the settings resolve to (the newest, unless one is pinned) if it

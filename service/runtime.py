@@ -21,6 +21,7 @@ from typing import ParamSpec, TypeVar
 
 import numpy as np
 import onnxruntime as ort
+from prometheus_client import Histogram
 
 from export.manifest import Manifest, ModelError, NetworkFile, load_verified, resolve_version
 from service.metrics import Metrics
@@ -147,6 +148,10 @@ class Runtime:
         self._image_input = manifest.encoder.inputs[0].name
         self._encoder_outputs = [t.name for t in manifest.encoder.outputs]
         self._latent_input = manifest.decoder.inputs[0].name
+        # The histogram children, resolved once: `labels()` costs a lock and a dict per run.
+        seconds = metrics.inference_seconds if metrics is not None else None
+        self._encoder_seconds = seconds.labels("encoder") if seconds is not None else None
+        self._decoder_seconds = seconds.labels("decoder") if seconds is not None else None
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="inference")
 
     @classmethod
@@ -203,18 +208,22 @@ class Runtime:
 
     # Synchronous inference: called in the worker threads.
 
+    @staticmethod
     def _timed_run(
-        self, network: str, session: ort.InferenceSession, outputs: list[str] | None, feed: dict
+        seconds: Histogram | None,
+        session: ort.InferenceSession,
+        outputs: list[str] | None,
+        feed: dict[str, np.ndarray],
     ) -> list[np.ndarray]:
         start = time.perf_counter()
         result = session.run(outputs, feed)
-        if self.metrics is not None:
-            self.metrics.inference_seconds.labels(network).observe(time.perf_counter() - start)
+        if seconds is not None:
+            seconds.observe(time.perf_counter() - start)
         return result  # type: ignore[no-any-return]
 
     def encode_sync(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         mean, log_variance = self._timed_run(
-            "encoder", self.encoder, self._encoder_outputs, {self._image_input: images}
+            self._encoder_seconds, self.encoder, self._encoder_outputs, {self._image_input: images}
         )
         return mean, log_variance
 
@@ -222,7 +231,9 @@ class Runtime:
         return sigmoid_(self.decode_logits_sync(latents))
 
     def decode_logits_sync(self, latents: np.ndarray) -> np.ndarray:
-        (logits,) = self._timed_run("decoder", self.decoder, None, {self._latent_input: latents})
+        (logits,) = self._timed_run(
+            self._decoder_seconds, self.decoder, None, {self._latent_input: latents}
+        )
         return logits  # type: ignore[no-any-return]
 
     def warm_up(self) -> None:

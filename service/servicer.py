@@ -92,16 +92,17 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         await self._images_into(output, probabilities, image_format, seed)
         return output
 
+    async def _images_in(self, images: vae_pb2.ImageInput) -> np.ndarray:
+        """The request's images as float32 [N, 784] (many PNGs are decoded off the event loop)."""
+        if codec.png_count(images) > INLINE_PNG_IMAGES:
+            return await self.model.offload(codec.images_in, images, "images", limit=self.max_items)
+        return codec.images_in(images, "images", limit=self.max_items)
+
     async def Encode(
         self, request: vae_pb2.EncodeRequest, context: grpc.aio.ServicerContext
     ) -> vae_pb2.EncodeResponse:
         limit = self.max_items
-        if codec.png_count(request.images) > INLINE_PNG_IMAGES:
-            images = await self.model.offload(
-                codec.images_in, request.images, "images", limit=limit
-            )
-        else:
-            images = codec.images_in(request.images, "images", limit=limit)
+        images = await self._images_in(request.images)
         n = images.shape[0]
         k = codec.samples_per_image_in(
             request.samples_per_image, n, "samples_per_image", limit=limit
@@ -186,12 +187,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         self, request: vae_pb2.ScoreRequest, context: grpc.aio.ServicerContext
     ) -> vae_pb2.ScoreResponse:
         limit = self.max_items
-        if codec.png_count(request.images) > INLINE_PNG_IMAGES:
-            images = await self.model.offload(
-                codec.images_in, request.images, "images", limit=limit
-            )
-        else:
-            images = codec.images_in(request.images, "images", limit=limit)
+        images = await self._images_in(request.images)
         n = images.shape[0]
         k = codec.importance_samples_in(
             request.importance_samples, n, "importance_samples", limit=limit

@@ -86,15 +86,19 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=1024, ge=1)
     """Most rows (images or latents) in one run; a larger request is split across runs."""
     max_queue_delay: float = Field(default=0.0, ge=0)
-    """Seconds a run may wait for more rows after the oldest queued one arrived; 0 never waits
-    (batches still form under load, from rows that queue while the runs are busy)."""
+    """Seconds every run waits for more rows after the oldest queued one arrived, even on an
+    idle server; 0 (the default) uses adaptive_queue_delay instead."""
+    adaptive_queue_delay: float = Field(default=0.002, ge=0)
+    """Most seconds a batch of fewer than 64 rows waits for more while the server is busy with
+    other calls (service/batch_hold.py); a lone caller never waits. 0: never wait (batches
+    still form from rows that queue while the runs are busy)."""
     max_queue_rows: int = Field(default=65536, ge=1)
     """Most rows queued for one network before new requests get RESOURCE_EXHAUSTED; at least
     max_items_per_request. The default, max_in_flight x max_batch_size, lets the in-flight
     limit bind first for requests of up to a batch."""
-    inline_max_rows: int = Field(default=0, ge=0)
+    inline_max_rows: int = Field(default=16, ge=0)
     """Runs of at most this many rows run on the event loop instead of a worker thread
-    (0: never); a tiny run costs less than the hop to a thread and back."""
+    (0: never); a small run costs less than the hop to a thread and back."""
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     """The asyncio event loop implementation (uvloop: faster gRPC calls)."""
 

@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from service.batch_hold import PROBE_EVERY
 from service.batching import Batcher
 from service.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 
@@ -356,3 +357,159 @@ async def test_small_runs_inline_on_the_event_loop(
                 np.testing.assert_array_equal(logits, decode(latents)[0])
             await batcher.close()
     assert sum(recorder.runs) == 16
+
+
+# -- the fast path: a request alone on an idle batcher -------------------------------------
+
+
+@run_async
+async def test_lone_request_runs_at_once_without_a_hop(executor: ThreadPoolExecutor) -> None:
+    recorder = Recorder()
+    batcher = make(NumpyNet(), executor, max_queue_delay=0, inline_max_rows=4, observer=recorder)
+    call = batcher.submit(numbered(0, 2))
+    with pytest.raises(StopIteration) as finished:
+        call.send(None)  # runs to its end without once yielding to the event loop
+    doubled, total = finished.value.value
+    np.testing.assert_array_equal(doubled, NumpyNet.expected(numbered(0, 2))[0])
+    np.testing.assert_array_equal(total, NumpyNet.expected(numbered(0, 2))[1])
+    assert recorder.runs == [2] and recorder.waits == [0.0]
+    assert recorder.depths == []  # its rows were never queued
+    await batcher.close()
+
+
+@run_async
+async def test_fast_path_respects_the_queue_bound_and_deadlines() -> None:
+    with ThreadPoolExecutor(1) as pool:
+        worker_free = threading.Event()
+        pool.submit(worker_free.wait, 10)  # the one worker is busy: runs wait for it
+        net, recorder = NumpyNet(), Recorder()
+        # Two run slots: the batcher sends work to the busy executor straight from submit.
+        batcher = make(
+            net, pool, max_queue_delay=0, max_queue_rows=4, max_concurrent_runs=2, observer=recorder
+        )
+        with pytest.raises(ResourceExhausted, match="max_queue_rows 4"):
+            await batcher.submit(numbered(0, 5))
+        late = asyncio.create_task(batcher.submit(numbered(10, 1), time.monotonic() + 0.05))
+        on_time = asyncio.create_task(batcher.submit(numbered(20, 1), time.monotonic() + 30))
+        await asyncio.sleep(0.1)
+        worker_free.set()
+        with pytest.raises(DeadlineExceeded):
+            await late
+        (doubled, _) = await on_time
+        np.testing.assert_array_equal(doubled, NumpyNet.expected(numbered(20, 1))[0])
+        assert net.computed_values() == {20.0}  # the late one never ran
+        assert recorder.runs == [1] and len(recorder.waits) == 1
+        await batcher.close()
+
+
+@run_async
+async def test_fast_path_request_cancelled_before_its_run_is_never_computed() -> None:
+    with ThreadPoolExecutor(1) as pool:
+        worker_free = threading.Event()
+        pool.submit(worker_free.wait, 10)
+        net = NumpyNet()
+        batcher = make(net, pool, max_queue_delay=0, max_concurrent_runs=2)
+        doomed = asyncio.create_task(batcher.submit(numbered(10, 3)))
+        await asyncio.sleep(0.01)  # it waits for the worker
+        doomed.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+        worker_free.set()
+        (doubled, _) = await batcher.submit(numbered(20, 1))
+        np.testing.assert_array_equal(doubled, NumpyNet.expected(numbered(20, 1))[0])
+        assert net.computed_values() == {20.0}
+        await batcher.close()
+
+
+@run_async
+async def test_cancelled_fast_path_run_keeps_its_slot_until_it_ends(
+    executor: ThreadPoolExecutor,
+) -> None:
+    net = NumpyNet(gated=True)
+    batcher = make(net, executor, max_queue_delay=0)  # one run slot
+    abandoned = asyncio.create_task(batcher.submit(numbered(0, 1)))
+    await net.wait_started()
+    abandoned.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await abandoned
+    following = asyncio.create_task(batcher.submit(numbered(1, 2)))
+    await asyncio.sleep(0)
+    assert batcher.queued_rows == 2  # queued: the abandoned run still holds the slot
+    net.gate.set()
+    (doubled, _) = await following
+    np.testing.assert_array_equal(doubled, NumpyNet.expected(numbered(1, 2))[0])
+    assert batcher.queued_rows == 0
+    await batcher.close()
+
+
+# -- holding: partial batches wait while other callers are busy -----------------------------
+
+
+def spin(seconds: float) -> None:
+    """CPU work on the event loop, as a gRPC call's parsing and replying would be."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+async def busy_callers(batcher: Batcher, callers: int, calls: int) -> None:
+    """`callers` tasks, each doing some work, then a one-row request, `calls` times."""
+
+    async def caller(k: int) -> None:
+        for j in range(calls):
+            spin(0.0002)
+            await asyncio.sleep(0)
+            rows = numbered(1000 * k + j, 1)
+            (doubled, _) = await batcher.submit(rows)
+            np.testing.assert_array_equal(doubled, NumpyNet.expected(rows)[0])
+
+    await asyncio.gather(*(caller(k) for k in range(callers)))
+
+
+@run_async
+async def test_busy_callers_are_held_into_shared_runs(executor: ThreadPoolExecutor) -> None:
+    recorder = Recorder()
+    batcher = make(
+        NumpyNet(),
+        executor,
+        max_queue_delay=0,
+        adaptive_delay=0.05,
+        inline_max_rows=64,
+        observer=recorder,
+    )
+    await busy_callers(batcher, callers=8, calls=3 * PROBE_EVERY // 8)
+    fast_path_runs = PROBE_EVERY - 1  # every request alone until the first probe
+    assert recorder.runs[:fast_path_runs] == [1] * fast_path_runs
+    later = recorder.runs[fast_path_runs:]
+    assert sum(later) / len(later) > 2  # held: the callers shared runs
+    assert batcher.holding
+
+    # The others leave: the holds gather one request each, and holding stops.
+    for i in range(20):
+        await batcher.submit(numbered(100_000 + i, 1))
+    assert not batcher.holding
+    assert recorder.runs[-5:] == [1] * 5
+    await batcher.close()
+
+
+@run_async
+async def test_a_lone_caller_never_waits(executor: ThreadPoolExecutor) -> None:
+    recorder = Recorder()
+    # A hold of a minute would time this test out: only probes, which meet an idle loop.
+    batcher = make(NumpyNet(), executor, max_queue_delay=0, adaptive_delay=60, observer=recorder)
+    for i in range(3 * PROBE_EVERY):
+        await batcher.submit(numbered(i, 1))
+        assert not batcher.holding
+    assert recorder.runs == [1] * (3 * PROBE_EVERY)
+    await batcher.close()
+
+
+@run_async
+async def test_flush_stops_holding(executor: ThreadPoolExecutor) -> None:
+    batcher = make(NumpyNet(), executor, max_queue_delay=0, adaptive_delay=60, inline_max_rows=4)
+    await busy_callers(batcher, callers=4, calls=2 * PROBE_EVERY // 4)
+    assert batcher.holding
+    batcher.flush()  # a retired version: no call will come to fill its batches
+    assert not batcher.holding
+    await asyncio.wait_for(busy_callers(batcher, callers=4, calls=4), timeout=10)
+    await batcher.close()

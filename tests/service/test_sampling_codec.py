@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -38,6 +39,22 @@ def test_streams_are_independent() -> None:
         np.zeros((1, 784), np.float32), np.zeros((1, 784), np.float32), 1, 7
     )
     assert abs(np.corrcoef(z[0], eps[0, 0])[0, 1]) < 0.15
+
+
+def test_draws_do_not_depend_on_the_thread_or_on_draws_before() -> None:
+    """Each thread re-seeds one bit generator per draw: neither another purpose's draw in
+    between nor another thread may change what a seed gives."""
+    p = np.full((2, 784), 0.5, np.float32)
+    first = sampling.prior_latents(3, 8, 11, 1.0)
+    sampling.bernoulli(p, 11)
+    sampling.prior_latents(5, 8, 12, 1.0)
+    np.testing.assert_array_equal(sampling.prior_latents(3, 8, 11, 1.0), first)
+    with ThreadPoolExecutor(2) as pool:
+        in_threads = list(pool.map(lambda _: sampling.prior_latents(3, 8, 11, 1.0), range(8)))
+    for z in in_threads:
+        np.testing.assert_array_equal(z, first)
+    assert not np.array_equal(sampling.prior_latents(3, 8, 12, 1.0)[:3], first)
+    assert abs(first.mean()) < 1.5 and 0.3 < first.std() < 2.0  # standard normal draws
 
 
 @settings(max_examples=50, deadline=None)

@@ -1,0 +1,104 @@
+"""Configurations of `vae-serve` side by side: every load point on every one, interleaved.
+
+    .venv/bin/python -m bench.serve_ab models/mnist-vae/1 --concurrency 1,4,32,64 \\
+        on= off=--no-batching fixed=--max-queue-delay=0.002
+
+Each configuration (NAME=FLAGS, flags comma-separated) is a `vae-serve` pinned to
+`--server-cpus`; all are started at once (an idle one costs nothing) and loaded in turn by this
+process, pinned to `--client-cpus`, round after round, so the drift of a shared machine falls
+on every configuration alike. Per point and configuration: the median over the rounds of
+requests/s, server CPU per call and rows per run, and the median (and range) of each round's
+requests/s over the first configuration's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from bench.run_bench import Load, run_point
+from bench.servers import BenchServer
+
+
+def cpus(spec: str) -> set[int]:
+    """taskset's list syntax: "1", "0-1", "0,2-3"."""
+    chosen: set[int] = set()
+    for part in spec.split(","):
+        low, _, high = part.partition("-")
+        chosen.update(range(int(low), int(high or low) + 1))
+    return chosen
+
+
+def start(args: argparse.Namespace, logs: Path, stack: ExitStack) -> dict[str, BenchServer]:
+    model = [
+        "--model-repo", str(args.version_dir.parent.parent),
+        "--model-name", args.version_dir.parent.name,
+        "--model-version", args.version_dir.name,
+        "--provider", "cpu",
+    ]  # fmt: skip
+    servers = {}
+    for spec in args.configs:
+        name, _, flags = spec.partition("=")
+        extra = [flag for flag in flags.split(",") if flag]
+        server = BenchServer.start_vae_serve(
+            name, args.server_cpus, logs / f"{name}.log", dict(os.environ), [*model, *extra]
+        )
+        stack.callback(server.stop)
+        servers[name] = server
+    return servers
+
+
+def table(points: dict[tuple[int, str], list[dict[str, Any]]], first: str) -> str:
+    lines = []
+    for (concurrency, name), runs in points.items():
+        rates = [p["requests_per_s"] for p in runs]
+        base = [p["requests_per_s"] for p in points[(concurrency, first)]]
+        ratios = [r / b for r, b in zip(rates, base, strict=True)]
+        cpu = [1e4 * p["server_cpu_percent"] / p["requests_per_s"] for p in runs]
+        rows = [p.get("rows_per_run") or 0.0 for p in runs]
+        lines.append(
+            f"x{concurrency:<3} {name:12} {statistics.median(rates):8,.0f} requests/s "
+            f"{statistics.median(cpu):6.0f} us CPU/call {statistics.median(rows):6.1f} rows/run "
+            f"p99 {statistics.median(p['latency_ms']['p99'] for p in runs):7.2f} ms   "
+            f"/ {first}: {statistics.median(ratios):.3f} ({min(ratios):.2f} to {max(ratios):.2f})"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("version_dir", type=Path, help="<repo>/<name>/<version>/ to serve")
+    parser.add_argument("configs", nargs="+", help="NAME=FLAGS (comma-separated vae-serve flags)")
+    parser.add_argument("--method", default="sample", choices=("sample", "decode", "encode"))
+    parser.add_argument("--count", type=int, default=1, help="images per call")
+    parser.add_argument("--format", default="uint8", dest="image_format")
+    parser.add_argument("--concurrency", default="1,32,64", help="comma-separated")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=3.0, help="measured seconds a point")
+    parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds a point")
+    parser.add_argument("--server-cpus", default="0", help="taskset list for the servers")
+    parser.add_argument("--client-cpus", default="1", help="taskset list for the load")
+    args = parser.parse_args(argv)
+    os.sched_setaffinity(0, cpus(args.client_cpus))
+    latent_size = int(json.loads((args.version_dir / "manifest.json").read_text())["latent_size"])
+    points: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="serve-ab-") as logs:
+        servers = start(args, Path(logs), stack)
+        for concurrency in (int(c) for c in args.concurrency.split(",")):
+            load = Load(args.method, args.count, args.image_format, concurrency)
+            for _ in range(args.rounds):
+                for name, server in servers.items():
+                    point = run_point(server, load, args, latent_size)
+                    points.setdefault((concurrency, name), []).append(point)
+    print()
+    print(table(points, first=next(iter(servers))))
+
+
+if __name__ == "__main__":
+    main()

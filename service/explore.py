@@ -237,7 +237,7 @@ def cmd_score(vae: VaeClient, args: argparse.Namespace) -> None:
         print(
             f"threshold: the {args.threshold_percentile:g}th percentile of {estimate} over "
             f"{len(held_out)} held-out test digits = {threshold:.1f} nats "
-            f"({bits_per_pixel(threshold):.3f} bits/pixel)"
+            f"({bits_per_pixel(threshold):.3f} bits/pixel); their median {np.median(held_out):.1f}"
         )
     flagged = scores.best > threshold if threshold is not None else np.zeros(len(files), bool)
     name_width = max(len(p.name) for p in args.images)

@@ -39,15 +39,11 @@ gone.
 from __future__ import annotations
 
 import json
-import re
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,8 +51,8 @@ from typing import Any
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from bench.served_process import ServerProcess
 from service.client import channel_options, sample_request
 from service.proto.vae.v1 import vae_pb2_grpc
 
@@ -67,7 +63,6 @@ PAUSE = 0.01  # seconds each caller waits between calls: steady, without starvin
 CALL_TIMEOUT = 10.0
 MAX_CALLS = 50_000  # bounds on the load, whatever happens to the orchestration
 MAX_LOAD_SECONDS = 90.0
-START_TIMEOUT = 60.0
 AFTER_EXIT = 1.0  # seconds the load runs on B and C after A is gone
 # What stands in for DNS re-resolution: a slot whose server is not up yet is retried soon.
 RECONNECT_OPTIONS = [
@@ -75,17 +70,6 @@ RECONNECT_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 300),
 ]
-
-SERVING_LINE = re.compile(r"SERVING .* on port (\d+) \(metrics: port (\d+)\)")
-
-
-def vae_serve_command() -> list[str]:
-    """The installed console script, the image's entry point (`-m service` if not installed)."""
-    script = Path(sys.executable).with_name("vae-serve")
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("vae-serve")
-    return [found] if found else [sys.executable, "-m", "service"]
 
 
 def free_port() -> int:
@@ -95,92 +79,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@dataclass
-class Server:
-    """One `vae-serve` process; its stderr is collected in the background."""
-
-    name: str
-    popen: subprocess.Popen[str]
-    log: list[str] = field(default_factory=list)
-    ports: tuple[int, int] | None = None  # (gRPC, metrics) once SERVING
-    serving: threading.Event = field(default_factory=threading.Event)
-
-    def __post_init__(self) -> None:
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.popen.stderr is not None
-        for line in self.popen.stderr:
-            self.log.append(line)
-            match = SERVING_LINE.search(line)
-            if match and not self.serving.is_set():
-                self.ports = (int(match[1]), int(match[2]))
-                self.serving.set()
-
-    def wait_serving(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while not self.serving.wait(0.05):
-            assert self.popen.poll() is None, f"{self.name} exited:\n{self.output()}"
-            assert time.monotonic() < deadline, (
-                f"{self.name} never reported SERVING:\n{self.output()}"
-            )
-
-    @property
-    def port(self) -> int:
-        assert self.ports is not None
-        return self.ports[0]
-
-    def metric(self, name: str, **labels: str) -> float:
-        """The sum of the samples of `name` with these labels, from the server's own /metrics."""
-        assert self.ports is not None
-        url = f"http://127.0.0.1:{self.ports[1]}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as response:
-            text = response.read().decode()
-        return sum(
-            s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-            if s.name == name and s.labels == labels
-        )
-
-    def sample_calls(self) -> float:
-        """Sample calls this server answered OK so far."""
-        return self.metric("vae_requests_total", method="Sample", code="OK")
-
-    def output(self) -> str:
-        return "".join(self.log)
+def sample_calls(server: ServerProcess) -> float:
+    """Sample calls this server answered OK so far, from its own /metrics."""
+    return server.metric("vae_requests_total", method="Sample", code="OK")
 
 
-Launch = Callable[[str, int], Server]
+Launch = Callable[[int], ServerProcess]
 
 
 @pytest.fixture
 def launch(tiny_model: Path) -> Iterator[Launch]:
     """Starts `vae-serve` processes serving the tiny model; kills whatever is still running at
     the end, pass or fail."""
-    started: list[Server] = []
+    started: list[ServerProcess] = []
 
-    def start(name: str, port: int = 0) -> Server:
-        popen = subprocess.Popen(
-            [
-                *vae_serve_command(),
-                f"--model-repo={tiny_model.parent.parent}",
-                f"--model-name={tiny_model.parent.name}",
-                "--host=127.0.0.1",
-                f"--port={port}",
-                "--metrics-host=127.0.0.1",
-                "--metrics-port=0",
-                "--provider=cpu",
-                "--inference-workers=1",
-                f"--grace-period={GRACE_PERIOD}",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
+    def start(port: int = 0) -> ServerProcess:
+        server = ServerProcess.start(
+            tiny_model.parent.parent,
+            tiny_model.parent.name,
+            "--inference-workers=1",
+            f"--grace-period={GRACE_PERIOD}",
+            port=port,
         )
-        server = Server(name, popen)
         started.append(server)
         return server
 
@@ -258,7 +178,7 @@ def without_retries(options: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
 
 
 def test_rolling_update_under_load_fails_no_call(launch: Launch) -> None:
-    a, b = launch("A", 0), launch("B", 0)
+    a, b = launch(0), launch(0)
     a.wait_serving()
     b.wait_serving()
     c_port = free_port()
@@ -275,15 +195,15 @@ def test_rolling_update_under_load_fails_no_call(launch: Launch) -> None:
             began = time.monotonic()
             # 1. A and B carry the load.
             wait_until(
-                lambda: a.sample_calls() > 0 and b.sample_calls() > 0,
+                lambda: sample_calls(a) > 0 and sample_calls(b) > 0,
                 10,
                 "the load did not reach both A and B",
             )
             # 2. The surge pod C comes up in the slot reserved for it, and gets calls.
-            c = launch("C", c_port)
+            c = launch(c_port)
             c.wait_serving()
-            wait_until(lambda: c.sample_calls() > 0, 10, "the load never reached C")
-            a_before = a.sample_calls()
+            wait_until(lambda: sample_calls(c) > 0, 10, "the load never reached C")
+            a_before = sample_calls(a)
             # 3. A is terminated under load, with calls in flight.
             wait_until(
                 lambda: a.metric("vae_requests_in_flight") > 0, 10, "A never had calls in flight"
@@ -296,9 +216,9 @@ def test_rolling_update_under_load_fails_no_call(launch: Launch) -> None:
                 pytest.fail(f"A did not exit {GRACE_PERIOD + 5} s after SIGTERM:\n{a.output()}")
             exited = time.monotonic()
             # 4. B and C carry on.
-            b_at_exit, c_at_exit = b.sample_calls(), c.sample_calls()
+            b_at_exit, c_at_exit = sample_calls(b), sample_calls(c)
             time.sleep(AFTER_EXIT)
-            b_after, c_after = b.sample_calls(), c.sample_calls()
+            b_after, c_after = sample_calls(b), sample_calls(c)
             ended = time.monotonic()
         finally:
             load.finish()

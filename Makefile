@@ -53,9 +53,10 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# Quality on the full MNIST (not a test): ~2.4 s an epoch on 2 idle cores, so the 1,000 epochs
-# train in about 45 minutes; the k=5000 evaluation of the 10,000 test images takes ~6 more.
-# Two torch threads assume free cores (the default, 1, is for shared ones; same results).
+# Quality on the full MNIST (not a test): 3.0-3.2 s an epoch on 2 idle cores, so the 1,000
+# epochs train in 50-53 minutes (83 on a busy day); the k=5000 evaluation of the 10,000 test
+# images takes ~12 more. Two torch threads assume free cores (BENCH_QUALITY_THREADS=1 on shared
+# ones: same results, bit for bit).
 BENCH_QUALITY_EPOCHS ?= 1000
 BENCH_QUALITY_THREADS ?= 2
 bench-quality: install

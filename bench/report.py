@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -184,18 +185,33 @@ def goals_table(results: dict[str, Any]) -> str:
     return table(["goal", "measured", "target", "", "figures"], rows)
 
 
+def before(later: str, earlier: str) -> str:
+    """How long before the ISO time `later` the ISO time `earlier` was, in words."""
+    gap = datetime.fromisoformat(later) - datetime.fromisoformat(earlier)
+    minutes = gap.total_seconds() / 60
+    if minutes < 120:
+        return f"{minutes:.0f} minute{'' if round(minutes) == 1 else 's'} before"
+    return (
+        f"{minutes / 1440:.1f} days before"
+        if minutes >= 2880
+        else f"{minutes / 60:.0f} hours before"
+    )
+
+
 def markdown(results: dict[str, Any]) -> str:
     m, peers = results["machine"], results.get("peers", {})
     env = ", ".join(f"`{k}={v}`" for k, v in results["env"].items())
     service = results["servers"]["service"]
     rss = service["rss_mb"]
     peers_line = (
-        f"Peers: `{peers['source']}` from `make bench-peers` of {peers['generated_at']} "
-        f"({peers['duration_s']:g} s a point, server on cpus {peers['server_cpus']}): "
-        "another run, so those ratios are across runs."
+        f"`{peers['source']}` from `make bench-peers` of {peers['generated_at']} "
+        f"({peers['duration_s']:g} s a point, server on cpus {peers['server_cpus']}), "
+        f"{before(results['generated_at'], peers['generated_at'])} this run: a separate run, so "
+        "these ratios are across runs."
         if "source" in peers
         else peers.get("missing", "")
     )
+    server_args = " ".join(["vae-serve", *results.get("server_args", [])])
     parts = [
         f"Run of {results['generated_at']} (commit {results['git_commit']}), "
         f"{m['cpus']} CPUs, servers on cpus {results['server_cpus']}, load generator on cpus "
@@ -203,14 +219,15 @@ def markdown(results: dict[str, Any]) -> str:
         f"{results['warmup_s']:g} s of warm-up; {results['total_s']:.0f} s in all. Load average "
         f"{m['loadavg_at_start'][0]:.1f} at the start, {m['loadavg_at_end'][0]:.1f} at the end "
         f"(a shared machine: other jobs skew single points). Allocator: {env}.",
-        "**Goals** (ratios within this run):\n\n" + goals_table(results),
+        "**Goals** (ratios within this run; against the peers, across runs: see below):\n\n"
+        + goals_table(results),
         f"**The limit**, images/s in process on cpus {results['server_cpus']} (best of "
         f"{results['limit'].get('rounds', 1)} interleaved bursts; ONNX Runtime: the best of a "
         "pass before the servers and one after). ONNX Runtime: the decoder session alone; "
         "Sample pipeline: prior draw, decoder, sigmoid, uint8; servicer: "
         "`VaeServicer.Sample` awaited directly (batcher, executor, metrics), no gRPC:\n\n"
         + limit_table(results),
-        f"**The service** (`vae-serve {' '.join(results.get('server_args', []))}`, batching on) "
+        f"**The service** (`{server_args}`, batching on) "
         'and the **no-op server** at the same points ("of no-op": the service\'s requests/s '
         "over the floor's):\n\n" + service_table(results),
         "**Batching** on against `--no-batching`, measured back to back:\n\n"

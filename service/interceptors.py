@@ -8,7 +8,7 @@ them to another replica (once shutdown begins, gRPC itself refuses new calls).
 Admission: at most `max_in_flight` inference calls (every VaeService RPC but the cheap ones in
 `NOT_INFERENCE`) are handled at once; one more is answered RESOURCE_EXHAUSTED at once, naming the
 limit (the batcher's bounded queue is the second limit). Each admitted call leases the live model
-version once (`ModelHolder.lease`), so it finishes on that version across a reload.
+version once (`ModelHolder.acquire`), so it finishes on that version across a reload.
 
 Requests are parsed here, inside the call, not by gRPC: bytes that are not the method's message
 are answered INVALID_ARGUMENT (gRPC itself would answer UNKNOWN), and a refused call is never
@@ -124,16 +124,13 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             if not inference:
                 return await behavior(parse(raw), context)
             self._refuse_if_full()
+            lease = models.acquire() if models is not None else None
             self.inference_in_flight += 1
             try:
-                if models is None:
-                    return await behavior(parse(raw), context)
-                lease = models.acquire()
-                try:
-                    return await behavior(parse(raw), context)
-                finally:
-                    models.release(lease)
+                return await behavior(parse(raw), context)
             finally:
+                if models is not None and lease is not None:
+                    models.release(lease)
                 self.inference_in_flight -= 1
 
         async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> Any:

@@ -1,9 +1,9 @@
 """The live model, replaced without a restart.
 
 `ModelHolder` holds the model version being served. Every VaeService call leases the live
-version once (`lease()`, done by the interceptor), and the servicer reaches it through
-`CallModel`, so a call finishes on the version it started with even if a reload swaps another
-one in meanwhile.
+version once (`acquire`, and `release` when it ends: done by the interceptor), and the servicer
+reaches it through `CallModel`, so a call finishes on the version it started with even if a
+reload swaps another one in meanwhile.
 
 A reload (a new version directory found by `watch`, which polls the repository every
 `reload_interval` seconds, or an explicit trigger: SIGHUP) verifies, loads and warms the new
@@ -17,10 +17,9 @@ keeps serving, and the poller does not retry that version until its files change
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +58,7 @@ def default_loader(settings: Settings, metrics: Metrics | None) -> Loader:
     return lambda directory: open_model(settings, metrics, directory)
 
 
-# The version the current call leased (set by `ModelHolder.lease` in the call's own task).
+# The version the current call leased (set by `ModelHolder.acquire` in the call's own task).
 _leased: ContextVar[Servable | None] = ContextVar("vae_leased_model", default=None)
 
 
@@ -131,15 +130,6 @@ class ModelHolder:
         version.leases -= 1
         if version.retired and version.leases == 0:
             self._close_later(version.model)
-
-    @contextlib.contextmanager
-    def lease(self) -> Iterator[Servable]:
-        """`acquire` and `release` around a block."""
-        lease = self.acquire()
-        try:
-            yield lease[0].model
-        finally:
-            self.release(lease)
 
     async def reload(self, *, force: bool = False) -> bool:
         """Swap in the version the settings resolve to (the newest, unless one is pinned) if it
@@ -266,7 +256,7 @@ async def _close(model: Servable) -> None:
 
 
 class CallModel:
-    """The servicer's model: the version the current call leased (see `ModelHolder.lease`),
+    """The servicer's model: the version the current call leased (see `ModelHolder.acquire`),
     else the live one. Attribute reads resolve per call, so `self.model.info` and
     `self.model.decode(...)` in one RPC always reach the same version."""
 

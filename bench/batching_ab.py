@@ -22,30 +22,17 @@ from typing import Any
 
 import uvloop
 
+from bench.inprocess import NoDeadline, version_settings
 from service.metrics import Metrics
 from service.model import ServedModel, open_model
 from service.proto.vae.v1 import vae_pb2
 from service.servicer import VaeServicer
-from service.settings import Settings
 
 MODES = {"on": {}, "off": {"batching": False}}
 
 
-class _NoDeadline:
-    """The one thing the servicer asks of a gRPC context on the success path."""
-
-    def time_remaining(self) -> None:
-        return None
-
-
 def _served(version_dir: Path, **overrides: Any) -> tuple[VaeServicer, ServedModel]:
-    settings = Settings(
-        model_repo=version_dir.parent.parent,
-        model_name=version_dir.parent.name,
-        model_version=int(version_dir.name),
-        provider="cpu",
-        **overrides,
-    )
+    settings = version_settings(version_dir, **overrides)
     model = open_model(settings, Metrics())
     model.warm_up()
     return VaeServicer(model, Metrics(), max_items=settings.max_items_per_request), model
@@ -53,7 +40,7 @@ def _served(version_dir: Path, **overrides: Any) -> tuple[VaeServicer, ServedMod
 
 async def _burst(servicer: VaeServicer, request: vae_pb2.SampleRequest, seconds: float) -> dict:
     """Calls one after the other for `seconds`: calls/s and CPU (all threads) per call."""
-    context: Any = _NoDeadline()
+    context: Any = NoDeadline()
     calls, cpu, start = 0, time.process_time(), time.perf_counter()
     end = start + seconds
     while time.perf_counter() < end:

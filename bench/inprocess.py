@@ -81,7 +81,8 @@ def measure(cases: list[Case], duration: float) -> dict[str, list[dict[str, Any]
     return result
 
 
-def _settings(version_dir: Path, **overrides: Any) -> Settings:
+def version_settings(version_dir: Path, **overrides: Any) -> Settings:
+    """The service's settings for serving `<repo>/<name>/<version>/` on the CPU provider."""
     return Settings(
         model_repo=version_dir.parent.parent,
         model_name=version_dir.parent.name,
@@ -92,7 +93,7 @@ def _settings(version_dir: Path, **overrides: Any) -> Settings:
 
 
 def open_runtime(version_dir: Path) -> Runtime:
-    return Runtime.load(_settings(version_dir, inference_workers=1))
+    return Runtime.load(version_settings(version_dir, inference_workers=1))
 
 
 def onnxruntime_cases(runtime: Runtime, sizes: list[int]) -> list[Case]:
@@ -113,7 +114,7 @@ def pipeline_cases(runtime: Runtime, sizes: list[int]) -> list[Case]:
     return [("pipeline", n, 1, partial(sample, n)) for n in sizes]
 
 
-class _NoDeadline:
+class NoDeadline:
     """The one thing the servicer asks of a gRPC context on the success path."""
 
     def time_remaining(self) -> None:
@@ -131,13 +132,13 @@ def servicer_cases(version_dir: Path, sizes: list[int]) -> tuple[list[Case], Cal
     from service.proto.vae.v1 import vae_pb2
     from service.servicer import VaeServicer
 
-    settings = _settings(version_dir)  # default workers: the CPUs this process may use
+    settings = version_settings(version_dir)  # default workers: the CPUs this process may use
     metrics = Metrics()
     model = open_model(settings, metrics)
     model.warm_up()
     servicer = VaeServicer(model, metrics, max_items=settings.max_items_per_request)
     loop = uvloop.new_event_loop()
-    context: Any = _NoDeadline()
+    context: Any = NoDeadline()
 
     async def calls(request: vae_pb2.SampleRequest, k: int) -> None:
         for _ in range(k):

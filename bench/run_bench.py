@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not (args.version_dir / "manifest.json").is_file():
         parser.error(f"{args.version_dir} has no manifest.json")
-    os.sched_setaffinity(0, {int(c) for c in _cpu_list(args.client_cpus)})
+    os.sched_setaffinity(0, set(cpu_list(args.client_cpus)))
     results = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {args.out} and {md} in {results['total_s']:.0f} s")
 
 
-def _cpu_list(spec: str) -> list[int]:
+def cpu_list(spec: str) -> list[int]:
     """taskset's list syntax: "1", "0-1", "0,2-3"."""
     cpus: list[int] = []
     for part in spec.split(","):

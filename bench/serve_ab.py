@@ -22,17 +22,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from bench.run_bench import Load, run_point
+from bench.run_bench import Load, cpu_list, run_point
 from bench.servers import BenchServer
-
-
-def cpus(spec: str) -> set[int]:
-    """taskset's list syntax: "1", "0-1", "0,2-3"."""
-    chosen: set[int] = set()
-    for part in spec.split(","):
-        low, _, high = part.partition("-")
-        chosen.update(range(int(low), int(high or low) + 1))
-    return chosen
 
 
 def start(args: argparse.Namespace, logs: Path, stack: ExitStack) -> dict[str, BenchServer]:
@@ -85,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--server-cpus", default="0", help="taskset list for the servers")
     parser.add_argument("--client-cpus", default="1", help="taskset list for the load")
     args = parser.parse_args(argv)
-    os.sched_setaffinity(0, cpus(args.client_cpus))
+    os.sched_setaffinity(0, set(cpu_list(args.client_cpus)))
     latent_size = int(json.loads((args.version_dir / "manifest.json").read_text())["latent_size"])
     points: dict[tuple[int, str], list[dict[str, Any]]] = {}
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="serve-ab-") as logs:

@@ -5,7 +5,11 @@ Targets are gRPC names: `localhost:50051`, or `dns:///vae.default.svc:50051` for
 headless service, where the service config below spreads calls over every address the name
 resolves to (round_robin; gRPC's default, pick_first, would pin one pod). Calls that fail with
 UNAVAILABLE (a pod starting, draining or gone) are retried by gRPC itself, with backoff, per
-the service config's retryPolicy; every call has a deadline.
+the service config's retryPolicy; every call has a deadline. The policy also retries CANCELLED
+coming from the server: gRPC core answers it to a call that reached a pod in the instant the pod
+began to shut down, before the server had taken the call up (grpc/grpc#41785). Every VaeService
+method is a pure function of its request, so a retry on another pod is always safe; a call the
+client cancels or whose deadline passes is never retried.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ SERVICE_CONFIG = {
                 "initialBackoff": "0.05s",
                 "maxBackoff": "2s",
                 "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"],
+                "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
             },
         }
     ],

@@ -16,8 +16,12 @@ C's slot would be retried only on gRPC's default 1 s, 1.6 s, 2.6 s, ... schedule
 
 A second channel has no retry policy (a plain gRPC channel with round_robin: only gRPC's own
 transparent retry of a call the server never saw) and only A and B in its list: it shows what a
-client without retries meets, and it too may see no failure: A lets gRPC refuse new calls at the
-transport (GOAWAY, refused streams), never with an answer of its own. C is not in its list
+client without retries meets. A lets gRPC refuse new calls at the transport (GOAWAY, refused
+streams), never with an answer of its own, but one gRPC core race is left: a call that reached A
+in the instant its shutdown began, before A's server had taken the call up, is answered
+CANCELLED by gRPC core itself (grpc/grpc#41785). So this channel may lose at most one call per
+caller, CANCELLED, while A shuts down; the retrying channel retries it (`service.client`'s
+policy retries CANCELLED from the server as well as UNAVAILABLE). C is not in its list
 because a new server listens while it warms up and answers that time's calls UNAVAILABLE; in a
 cluster the pod is in no endpoint list (nor DNS answer) until its readiness probe passes, which
 a static list cannot model, so only the retrying channel, like a real client, may meet C early.
@@ -223,18 +227,26 @@ def test_rolling_update_under_load_fails_no_call(launch: Launch) -> None:
         finally:
             load.finish()
 
-    ok = grpc.StatusCode.OK
     failed = [
         (n, round(t - began, 3), code.name, details)
         for n, t, code, details in load.results
-        if code != ok
+        if code != grpc.StatusCode.OK
     ]
     print(  # shown by `pytest -rP`
-        f"{len(load.results)} calls, {len(failed)} failed; A exited"
+        f"{len(load.results)} calls, {len(failed)} failed {failed}; A exited"
         f" {exited - terminated:.2f} s after SIGTERM; Sample"
         f" calls answered: A {a_before:.0f} before SIGTERM, B {b_after:.0f}, C {c_after:.0f}"
     )
-    assert not failed, f"{len(failed)} of {len(load.results)} calls failed: {failed[:20]}"
+    shutdown_race = [
+        f
+        for f in failed
+        if f[0] == "no-retry"
+        and f[2] == "CANCELLED"
+        and terminated - began <= f[1] <= exited - began + 1.0
+    ]
+    assert failed == shutdown_race and len(shutdown_race) <= CALLERS, (
+        f"{len(failed)} of {len(load.results)} calls failed: {failed[:20]}"
+    )
     assert len(load.results) < MAX_CALLS, "the load hit its bound before the rehearsal ended"
 
     a.reader.join(5)

@@ -61,16 +61,16 @@ def test_async_client_round_trip(served: Served) -> None:
 
 
 class Flaky(vae_pb2_grpc.VaeServiceServicer):
-    """Answers UNAVAILABLE `failures` times, then succeeds; Sample is slow."""
+    """GetModelInfo fails with each of `failures` in turn, then succeeds; Sample is slow."""
 
-    def __init__(self, failures: int) -> None:
+    def __init__(self, failures: list[grpc.StatusCode]) -> None:
         self.failures = failures
         self.calls = 0
 
     def GetModelInfo(self, request: Any, context: Any) -> vae_pb2.ModelInfo:
         self.calls += 1
-        if self.calls <= self.failures:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
+        if self.calls <= len(self.failures):
+            context.abort(self.failures[self.calls - 1], "draining")
         return vae_pb2.ModelInfo(name="flaky", version=self.calls)
 
     def Decode(self, request: Any, context: Any) -> vae_pb2.DecodeResponse:
@@ -97,7 +97,7 @@ class Flaky(vae_pb2_grpc.VaeServiceServicer):
 
 @pytest.fixture
 def flaky() -> Iterator[tuple[Flaky, str]]:
-    servicer = Flaky(failures=2)
+    servicer = Flaky(failures=[grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED])
     server = grpc.server(futures.ThreadPoolExecutor(4))
     vae_pb2_grpc.add_VaeServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -106,10 +106,10 @@ def flaky() -> Iterator[tuple[Flaky, str]]:
     server.stop(None)
 
 
-def test_client_retries_unavailable_but_not_bad_input(flaky: tuple[Flaky, str]) -> None:
+def test_client_retries_unavailable_and_cancelled_not_bad_input(flaky: tuple[Flaky, str]) -> None:
     servicer, target = flaky
     with VaeClient(target, timeout=10) as vae:
-        assert vae.info().version == 3  # two UNAVAILABLE answers retried by gRPC itself
+        assert vae.info().version == 3  # UNAVAILABLE, then CANCELLED, retried by gRPC itself
         servicer.calls = 0
         with pytest.raises(grpc.RpcError) as info:
             vae.decode(np.zeros((1, 4), np.float32))

@@ -32,7 +32,7 @@ from typing import Any
 
 import uvloop
 
-from bench.servers import BenchServer
+from bench.servers import BenchServer, model_flags
 from service.loadtest import LoadConfig, run_all
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -182,11 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stacks", type=Path, help="keep the collapsed stacks in this folder")
     args = parser.parse_args(argv)
     spy = subprocess.run([py_spy(), "--version"], capture_output=True, text=True, check=True)
-    model = [
-        "--model-repo", str(args.version_dir.parent.parent),
-        "--model-name", args.version_dir.parent.name,
-        "--model-version", args.version_dir.name, "--provider", "cpu",
-    ]  # fmt: skip
+    model = model_flags(args.version_dir)
     result: dict[str, Any] = {
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "py_spy": spy.stdout.split()[-1],

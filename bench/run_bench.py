@@ -42,7 +42,7 @@ from typing import Any
 import uvloop
 
 from bench import goals, report
-from bench.servers import BenchServer
+from bench.servers import BenchServer, model_flags
 from service.loadtest import LoadConfig, run_all
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -161,12 +161,7 @@ def limit(args: argparse.Namespace, env: dict[str, str], *flags: str) -> dict[st
 def servers(args: argparse.Namespace, env: dict[str, str], logs: Path) -> Iterator[dict]:
     """The three servers, started one after the other (start-up timed alone), all pinned to
     the server's cores; an idle one costs nothing while another is measured."""
-    model = [
-        "--model-repo", str(args.version_dir.parent.parent),
-        "--model-name", args.version_dir.parent.name,
-        "--model-version", args.version_dir.name,
-        "--provider", "cpu", *SERVER_ARGS,
-    ]  # fmt: skip
+    model = [*model_flags(args.version_dir), *SERVER_ARGS]
     with ExitStack() as stack:
         started: dict[str, BenchServer] = {}
 

@@ -23,16 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.run_bench import Load, cpu_list, run_point
-from bench.servers import BenchServer
+from bench.servers import BenchServer, model_flags
 
 
 def start(args: argparse.Namespace, logs: Path, stack: ExitStack) -> dict[str, BenchServer]:
-    model = [
-        "--model-repo", str(args.version_dir.parent.parent),
-        "--model-name", args.version_dir.parent.name,
-        "--model-version", args.version_dir.name,
-        "--provider", "cpu",
-    ]  # fmt: skip
+    model = model_flags(args.version_dir)
     servers = {}
     for spec in args.configs:
         name, _, flags = spec.partition("=")

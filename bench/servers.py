@@ -40,6 +40,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def model_flags(version_dir: Path) -> list[str]:
+    """`vae-serve` flags serving `<repo>/<name>/<version>/` on the CPU provider."""
+    return [
+        "--model-repo", str(version_dir.parent.parent),
+        "--model-name", version_dir.parent.name,
+        "--model-version", version_dir.name,
+        "--provider", "cpu",
+    ]  # fmt: skip
+
+
 def pinned(cpus: str, command: list[str]) -> list[str]:
     """`command` under `taskset -c cpus` (taskset execs it: the pid stays the same)."""
     return ["taskset", "-c", cpus, *command]

@@ -19,15 +19,14 @@ When runs start:
   that queue while every slot is busy share the next run, so batches form under load without
   any waiting. With several slots free, the queued rows are shared out over them (runs of at
   least `MIN_SPLIT_ROWS`): a burst, or one large request, runs on every worker at once.
-- Holding (`adaptive_delay`; the details and figures are in `service.batch_hold`): small
-  requests from many callers would still each run alone, as every run ends before the next
-  call reaches the batcher, and each would pay a run's fixed cost and gRPC's cost of waking up
-  for a lone reply. So every 256th fast-path request is a probe: it waits a little, and if
-  another request joins, the batcher starts holding. While holding, a batch of fewer than 64
-  rows waits for more as long as the event loop is busy with other calls (a pass of the loop
-  takes 20 us or more, or brings rows), at most `adaptive_delay`; 16 idle passes in a row end
-  the wait at once. Holding stops when holds gather fewer than 2.5 requests on average. A lone
-  caller never waits: its probes meet an idle loop and end within tens of microseconds.
+- Holding (`adaptive_delay`; the rules, their constants and the figures are in
+  `service.batch_hold`): small requests from many callers would still each run alone, as every
+  run ends before the next call reaches the batcher, and each would pay a run's fixed cost and
+  gRPC's cost of waking up for a lone reply. So now and then a fast-path request is a probe: it
+  waits a little, and if another request joins, the batcher starts holding. While holding, a
+  small partial batch waits for more rows as long as the event loop is busy with other calls,
+  at most `adaptive_delay`, and holding stops once holds gather too few requests. A lone caller
+  never waits: its probes meet an idle loop and end within tens of microseconds.
 - `max_queue_delay` > 0 replaces all that with a fixed wait: every partial batch waits for a
   full one or that delay (no fast path, no probes), even on an idle server.
 - Runs of at most `inline_max_rows` rows are computed on the event loop itself: a run of a few

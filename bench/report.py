@@ -191,11 +191,9 @@ def before(later: str, earlier: str) -> str:
     minutes = gap.total_seconds() / 60
     if minutes < 120:
         return f"{minutes:.0f} minute{'' if round(minutes) == 1 else 's'} before"
-    return (
-        f"{minutes / 1440:.1f} days before"
-        if minutes >= 2880
-        else f"{minutes / 60:.0f} hours before"
-    )
+    if minutes < 2880:
+        return f"{minutes / 60:.0f} hours before"
+    return f"{minutes / 1440:.1f} days before"
 
 
 def markdown(results: dict[str, Any]) -> str:

@@ -6,9 +6,9 @@ sampling with eps happens in the service, seeded, so results are reproducible.
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import subprocess
-import tempfile
 import warnings
 from datetime import UTC, datetime
 from pathlib import Path
@@ -129,7 +129,10 @@ def export_version(
     )
     latents = torch.randn((n, latent), generator=generator)
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=model_dir))
+    # A plain mkdir (not tempfile.mkdtemp, which makes it 0700): the version folder gets the
+    # umask's mode, so a server running as another user (the image's uid 10001) can read it.
+    staging = model_dir / f".{version}-{secrets.token_hex(4)}"
+    staging.mkdir()
     try:
         _export_network(
             model.encoder, images[:2], staging / "encoder.onnx", "image", ["mean", "log_variance"]

@@ -55,8 +55,9 @@ class Settings(BaseSettings):
     """Model repository laid out as <repo>/<model-name>/<version>/."""
     model_name: str = "mnist-vae"
     """Which model of the repository to serve (flag also --model)."""
-    model_version: int | None = None
-    """Which version to serve; the highest number present if unset (flag also --version)."""
+    model_version: int | None = Field(default=None, ge=1, le=2**63 - 1)
+    """Which version to serve (1 to 2^63 - 1); the highest number present if unset (flag also
+    --version)."""
 
     host: str = "[::]"
     """Address the gRPC server binds."""
@@ -128,6 +129,8 @@ class Settings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     """Python logging level (any case)."""
+    log_format: Literal["text", "json"] = "text"
+    """`text` for a terminal; `json`, one object a line, for a log collector (the images set it)."""
 
     @model_validator(mode="after")
     def _queue_fits_a_request(self) -> Settings:

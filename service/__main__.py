@@ -2,7 +2,7 @@
 
 A model that is missing, tampered with or inconsistent, a provider that cannot run, or a port
 that is taken ends the process with exit code 1 and a one-line reason, not a traceback;
-invalid settings end it with exit code 2 and pydantic's description of each.
+invalid settings end it with exit code 2 and one line naming each.
 """
 
 from __future__ import annotations
@@ -41,6 +41,14 @@ def parse_settings(argv: Sequence[str]) -> Settings:
 
 
 def run(main: Coroutine[Any, Any, None], event_loop: str) -> None:
+def settings_errors(error: ValidationError) -> str:
+    """pydantic's errors on one line: `field: what is wrong` each, without its input dump."""
+    return "; ".join(
+        f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg'].removeprefix('Value error, ')}"
+        for e in error.errors()
+    )
+
+
     """Run the server on uvloop (measured faster for gRPC calls) or asyncio's own loop."""
     if event_loop == "uvloop":
         try:
@@ -57,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = parse_settings(sys.argv[1:] if argv is None else argv)
     except ValidationError as e:
-        print(f"vae-serve: invalid settings: {e}", file=sys.stderr)
+        print(f"vae-serve: invalid settings: {settings_errors(e)}", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=settings.log_level,

@@ -40,7 +40,6 @@ def parse_settings(argv: Sequence[str]) -> Settings:
     return CliApp.run(Settings, cli_args=_expand_aliases(argv), cli_settings_source=source)
 
 
-def run(main: Coroutine[Any, Any, None], event_loop: str) -> None:
 def settings_errors(error: ValidationError) -> str:
     """pydantic's errors on one line: `field: what is wrong` each, without its input dump."""
     return "; ".join(
@@ -49,6 +48,7 @@ def settings_errors(error: ValidationError) -> str:
     )
 
 
+def run(main: Coroutine[Any, Any, None], event_loop: str) -> None:
     """Run the server on uvloop (measured faster for gRPC calls) or asyncio's own loop."""
     if event_loop == "uvloop":
         try:

@@ -220,7 +220,9 @@ def test_probe_timing_fits_startup_and_drain(objects: list[Manifest]) -> None:
     # Loading and warming up the model gets at least a minute before liveness takes over.
     assert window(found["startupProbe"]) >= 60
     # A draining pod answers NOT_SERVING: liveness must not kill it before the drain ends.
-    drain = prestop_seconds(container) + float(config(objects).get("VAE_GRACE_PERIOD", 0) or 0)
+    # Without VAE_GRACE_PERIOD in the ConfigMap the server drains for its own default.
+    grace = float(config(objects).get("VAE_GRACE_PERIOD", setting_default("grace_period")))
+    drain = prestop_seconds(container) + grace
     assert window(found["livenessProbe"]) > drain
     # Readiness reacts faster than liveness.
     assert window(found["readinessProbe"]) < window(found["livenessProbe"])

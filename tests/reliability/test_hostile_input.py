@@ -172,9 +172,32 @@ def test_oversized_raw_bytes_are_refused_before_parsing(channel: grpc.Channel, m
     assert code == grpc.StatusCode.INVALID_ARGUMENT, details
 
 
-# No pickle on any input path: every loader of files or bytes is called the safe way.
-UNSAFE_MODULES = {"pickle", "cPickle", "dill", "shelve", "marshal", "joblib", "cloudpickle"}
-SAFE_KEYWORDS = {("np", "load"): ("allow_pickle", False), ("torch", "load"): ("weights_only", True)}
+# No pickle on any input path: no module that unpickles is imported, and every loader that can
+# unpickle is called with the keyword that forbids it, however it is spelled (`np.load`,
+# `numpy.load`, `from numpy import load as L`, `getattr(np, "load")`, handed to `map`...).
+UNSAFE_MODULES = {
+    "pickle", "_pickle", "cPickle", "pickle5", "dill", "shelve", "marshal", "joblib",
+    "cloudpickle", "copyreg",
+}  # fmt: skip
+# Loaders that unpickle unless told not to: the keyword and its one safe value, given as a
+# constant at the call itself (a default, a variable or **kwargs is not good enough).
+GUARDED = {
+    "numpy.load": ("allow_pickle", False),
+    "numpy.lib.npyio.load": ("allow_pickle", False),
+    "numpy.lib.format.read_array": ("allow_pickle", False),
+    "torch.load": ("weights_only", True),
+    "torch.serialization.load": ("weights_only", True),
+}
+# Loaders that unpickle (or run arbitrary constructors) whatever their arguments.
+FORBIDDEN = {
+    "pandas.read_pickle", "pandas.io.pickle.read_pickle", "numpy.lib.npyio.NpzFile",
+    "yaml.unsafe_load", "yaml.unsafe_load_all", "yaml.full_load", "yaml.full_load_all",
+    "yaml.load", "yaml.load_all",  # unless Loader=yaml.SafeLoader (or CSafeLoader)
+}  # fmt: skip
+SAFE_YAML_LOADERS = {"yaml.SafeLoader", "yaml.CSafeLoader"}
+# Keyword values that turn unpickling on, whoever the callee (an object the scan cannot name).
+UNSAFE_KEYWORDS = {("allow_pickle", True), ("weights_only", False)}
+IMPORTERS = {"__import__", "importlib.import_module"}
 
 
 def python_sources() -> list[Path]:
@@ -186,31 +209,91 @@ def python_sources() -> list[Path]:
     )
 
 
+class PickleScan:
+    """One file's imports, resolved: `qualified(node)` names what a Name or Attribute refers
+    to (`np.load` -> numpy.load when numpy was imported as np), or None."""
+
+    def __init__(self, tree: ast.AST) -> None:
+        self.aliases: dict[str, str] = {"__import__": "__import__", "getattr": "getattr"}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    local = a.asname or a.name.split(".")[0]
+                    self.aliases[local] = a.name if a.asname else local
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                for a in node.names:
+                    self.aliases[a.asname or a.name] = f"{node.module}.{a.name}"
+
+    def qualified(self, node: ast.AST) -> str | None:
+        if isinstance(node, ast.Name):
+            return self.aliases.get(node.id)
+        if isinstance(node, ast.Attribute):
+            owner = self.qualified(node.value)
+            return f"{owner}.{node.attr}" if owner else None
+        return None
+
+
+def _constant_keywords(call: ast.Call) -> dict[str | None, object]:
+    return {k.arg: k.value.value for k in call.keywords if isinstance(k.value, ast.Constant)}
+
+
+def _is_unsafe_module(name: str) -> bool:
+    return name.split(".")[0] in UNSAFE_MODULES
+
+
 def unsafe_loads(path: Path) -> list[str]:
-    problems = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import | ast.ImportFrom):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+    tree = ast.parse(path.read_text(), str(path))
+    scan = PickleScan(tree)
+    problems: list[tuple[int, str]] = []
+    safe_callees: set[int] = set()  # the func nodes of calls checked here
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
             problems += [
-                f"{path}:{node.lineno}: imports {n}"
-                for n in names
-                if n and n.split(".")[0] in UNSAFE_MODULES
+                (node.lineno, f"imports {a.name}") for a in node.names if _is_unsafe_module(a.name)
             ]
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
-            owner = node.func.value
-            key = (owner.id if isinstance(owner, ast.Name) else "", node.func.attr)
-            if key in SAFE_KEYWORDS:
-                keyword, safe = SAFE_KEYWORDS[key]
-                given_values = {
-                    k.arg: k.value.value for k in node.keywords if isinstance(k.value, ast.Constant)
-                }
-                if given_values.get(keyword) is not safe:
-                    problems.append(
-                        f"{path}:{node.lineno}: {'.'.join(key)} without {keyword}={safe}"
-                    )
-            if key[1] == "load" and key[0] == "yaml":
-                problems.append(f"{path}:{node.lineno}: yaml.load (use yaml.safe_load)")
-    return problems
+        elif isinstance(node, ast.ImportFrom) and node.module and _is_unsafe_module(node.module):
+            problems.append((node.lineno, f"imports from {node.module}"))
+        if not isinstance(node, ast.Call):
+            continue
+        given = _constant_keywords(node)
+        problems += [
+            (node.lineno, f"{keyword}={value}")
+            for keyword, value in UNSAFE_KEYWORDS
+            if keyword in given and given[keyword] is value
+        ]
+        if isinstance(node.func, ast.Attribute) and node.func.attr == "read_pickle":
+            problems.append((node.lineno, "read_pickle"))
+        name = scan.qualified(node.func)
+        args = [a.value for a in node.args if isinstance(a, ast.Constant)]
+        if name in IMPORTERS and args and isinstance(args[0], str) and _is_unsafe_module(args[0]):
+            problems.append((node.lineno, f"{name}({args[0]!r})"))
+        attribute = node.args[1] if len(node.args) > 1 and name == "getattr" else None
+        if isinstance(attribute, ast.Constant) and isinstance(attribute.value, str):
+            target = f"{scan.qualified(node.args[0])}.{attribute.value}"
+            if target in GUARDED or target in FORBIDDEN:
+                problems.append((node.lineno, f"getattr for {target}"))
+        if name in GUARDED:
+            keyword, safe = GUARDED[name]
+            safe_callees.add(id(node.func))
+            if keyword not in given or given[keyword] is not safe:
+                problems.append((node.lineno, f"{name} without {keyword}={safe}"))
+        elif name in FORBIDDEN:
+            safe_callees.add(id(node.func))
+            loader = next((k.value for k in node.keywords if k.arg == "Loader"), None)
+            if not (
+                name in {"yaml.load", "yaml.load_all"}
+                and loader is not None
+                and scan.qualified(loader) in SAFE_YAML_LOADERS
+            ):
+                problems.append(
+                    (node.lineno, f"{name}: unpickles, or builds any object (yaml: safe_load)")
+                )
+    for node in ast.walk(tree):  # guarded loaders handed around (map, partial, an alias)
+        if isinstance(node, ast.Name | ast.Attribute) and id(node) not in safe_callees:
+            name = scan.qualified(node)
+            if (name in GUARDED or name in FORBIDDEN) and not isinstance(node.ctx, ast.Store):
+                problems.append((node.lineno, f"{name} referenced, not called the safe way"))
+    return [f"{path}:{line}: {what}" for line, what in sorted(set(problems))]
 
 
 def test_nothing_deserializes_pickle() -> None:
@@ -220,12 +303,68 @@ def test_nothing_deserializes_pickle() -> None:
     assert not problems, "\n".join(problems)
 
 
+UNSAFE_SPELLINGS = """\
+import pickle
+from pickle import loads
+import _pickle as cp
+import dill, shelve
+from joblib import load as jl
+import marshal
+np.load("z.npy")
+np.load("z.npy", allow_pickle=True)
+numpy.load("z.npy", allow_pickle=flag)
+load("z.npy")
+npload("z.npy", **options)
+torch.load("m.pt")
+torch.load("m.pt", weights_only=False)
+tl("m.pt")
+serialization.load("m.pt", weights_only=None)
+format.read_array(f)
+list(map(np.load, files))
+loader = numpy.load
+functools.partial(torch.load, map_location="cpu")
+getattr(np, "load")("z.npy", allow_pickle=False)
+pd.read_pickle("frame.pkl")
+frame.read_pickle("frame.pkl")
+yaml.load(text)
+yaml.load(text, Loader=yaml.Loader)
+yaml.unsafe_load(text)
+__import__("pickle").loads(data)
+importlib.import_module("cloudpickle")
+anything.load(f, allow_pickle=True)
+"""
+SAFE_SPELLINGS = """\
+np.load("z.npy", allow_pickle=False)
+numpy.load("z.npy", allow_pickle=False)
+load("z.npy", allow_pickle=False)
+torch.load("m.pt", map_location="cpu", weights_only=True)
+tl("m.pt", weights_only=True)
+yaml.safe_load(text)
+yaml.load(text, Loader=yaml.SafeLoader)
+json.load(f)
+np.loadtxt("data.csv")
+importlib.import_module("numpy")
+"""
+IMPORTS = """\
+import functools, importlib, json
+import numpy as np
+import numpy
+import pandas as pd
+import torch
+import yaml
+from numpy import load
+from numpy import load as npload
+from numpy.lib import format
+from torch import load as tl, serialization
+"""
+
+
 def test_the_pickle_check_catches_unsafe_loads(tmp_path: Path) -> None:
+    """Every unsafe spelling is found, on its own line; no safe one is."""
     unsafe = tmp_path / "unsafe.py"
-    unsafe.write_text(
-        "import pickle\nimport numpy as np\nimport torch\nimport yaml\n"
-        "np.load('z.npy')\nnp.load('z.npy', allow_pickle=True)\ntorch.load('m.pt')\n"
-        "yaml.load(open('c.yaml'))\nnp.load('z.npy', allow_pickle=False)\n"
-    )
-    problems = unsafe_loads(unsafe)
-    assert len(problems) == 5, problems
+    unsafe.write_text(UNSAFE_SPELLINGS + IMPORTS)
+    flagged = {int(p.split(":")[1]) for p in unsafe_loads(unsafe)}
+    assert flagged == set(range(1, UNSAFE_SPELLINGS.count("\n") + 1)), unsafe_loads(unsafe)
+    safe = tmp_path / "safe.py"
+    safe.write_text(SAFE_SPELLINGS + IMPORTS)
+    assert unsafe_loads(safe) == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 import pytest
@@ -74,6 +75,26 @@ def picture(path: Path) -> np.ndarray:
 
 def run(served: Served, *argv: object) -> int:
     return cli.main(["--target", served.target, *map(str, argv)])
+
+
+def assert_tiles_are(pixels: np.ndarray, images: np.ndarray) -> None:
+    """The picture's grid of tiles (no captions) is `images` uint8 [rows, columns, 28, 28],
+    enlarged, in that order: tile (0, 0) is found in the picture, every other one must sit at
+    its place in the grid (pictures.GAP apart) and equal the server's image pixel for pixel."""
+    grey = pixels[:, :, 0]
+    tiles = np.kron(images, np.ones((2, 2), np.uint8))  # [rows, columns, TILE, TILE]
+    first = tiles[0, 0]
+    rows = np.lib.stride_tricks.sliding_window_view(grey, TILE, axis=1)  # [H, W - TILE + 1, TILE]
+    for y, x in zip(*np.nonzero((rows == first[0]).all(axis=-1)), strict=True):
+        if np.array_equal(grey[y : y + TILE, x : x + TILE], first):
+            break
+    else:
+        raise AssertionError("the server's first image is not a tile of the picture")
+    step = TILE + pictures.GAP
+    for r in range(images.shape[0]):
+        for c in range(images.shape[1]):
+            at = grey[y + r * step : y + r * step + TILE, x + c * step : x + c * step + TILE]
+            assert np.array_equal(at, tiles[r, c]), f"tile ({r}, {c}) is not the server's image"
 
 
 def test_interpolate_writes_a_strip_of_the_servers_images_and_a_gif(
@@ -146,9 +167,19 @@ def test_attribute_grids_from_labels_ink_and_folders(
             (folder / image.name).write_bytes(image.read_bytes())
     argv = ["attribute", "--groups", folder_a, folder_b, inputs[0], inputs[1], "--out", out]
     assert run(served, *argv) == 0
-    picture(out)
     printed = capsys.readouterr().out
     assert "(2 images); group B" in printed and "2 images x 6 strengths" in printed
+    # The tiles are the server's decoding of z + s * (mean of A - mean of B), asked the same
+    # calls the command makes (the same batches: an encoder run's rounding may depend on them).
+    pngs = [p.read_bytes() for p in inputs]
+    with VaeClient(served.target) as vae:
+        mean_a, mean_b = vae.encode(pngs[:2]).mean, vae.encode(pngs[2:]).mean
+        vector = mean_a.astype(np.float64).mean(0) - mean_b.astype(np.float64).mean(0)
+        z = vae.encode(pngs[:2]).mean.astype(np.float64)
+        strengths = np.array([-1.0, -0.5, 0.0, 0.5, 1.0, 1.5])  # the default
+        latents = z[:, None, :] + strengths[None, :, None] * vector.astype(np.float32)
+        decoded = vae.decode(latents.astype(np.float32).reshape(12, -1)).images
+    assert_tiles_are(picture(out), np.asarray(decoded).reshape(2, 6, 28, 28))
 
 
 def test_traverse_and_manifold_grids(
@@ -157,8 +188,16 @@ def test_traverse_and_manifold_grids(
     out = tmp_path / "traverse.png"
     argv = ["traverse", inputs[0], "--dims", "0-2", "--range", -2, 2, "--steps", 5, "--out", out]
     assert run(served, *argv) == 0
-    height, width, _ = picture(out).shape
+    pixels = picture(out)
+    height, width, _ = pixels.shape
     assert 3 * TILE < height < 3 * (TILE + 10) + 2 * LINE + 40 and width > 5 * TILE
+    with VaeClient(served.target) as vae:  # row d: the image's latent with z[d] set to each value
+        z = vae.encode([inputs[0].read_bytes()]).mean[0]
+        latents = np.tile(z, (3, 5, 1))
+        for d in range(3):
+            latents[d, :, d] = [-2, -1, 0, 1, 2]
+        images = np.asarray(vae.decode(latents.reshape(15, -1)).images)
+    assert_tiles_are(pixels, images.reshape(3, 5, 28, 28))
     printed = capsys.readouterr().out
     assert "3 dimensions (as asked) x 5 values" in printed and "z[2]" in printed
 
@@ -174,6 +213,18 @@ def test_traverse_and_manifold_grids(
         run(served, "manifold", "-n", 3, "--dims", 1, 3, "--origin", inputs[1], "--out", out) == 0
     )
     assert "3x3 manifold over z[1], z[3]" in capsys.readouterr().out
+    # Cell (r, c): the origin image's latent moved to the normal's quantiles (1/6, 3/6, 5/6):
+    # z[1] grows to the right, z[3] upwards.
+    quantiles = [NormalDist().inv_cdf(q) for q in (1 / 6, 3 / 6, 5 / 6)]
+    with VaeClient(served.target) as vae:
+        origin = vae.encode([inputs[1].read_bytes()]).mean[0].astype(np.float64)
+        latents = np.tile(origin, (3, 3, 1))
+        for r in range(3):
+            for c in range(3):
+                latents[r, c, 1] += quantiles[c]
+                latents[r, c, 3] += quantiles[2 - r]
+        images = np.asarray(vae.decode(latents.astype(np.float32).reshape(9, -1)).images)
+    assert_tiles_are(picture(out), images.reshape(3, 3, 28, 28))
 
 
 def test_score_table_threshold_and_picture(

@@ -17,9 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import numpy as np
+import onnxruntime as ort
 import pytest
 from service_harness import open_channel, scrape, tiny_settings
 
+from bench.served_process import ServerProcess
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
 from service.runtime import CUDA, ProviderError, Runtime
 
@@ -76,7 +79,25 @@ def test_missing_version_refuses_to_start(tiny_model: Path) -> None:
     assert "version 7 not found (have [1])" in stderr
 
 
+def cuda_unusable(tiny_model: Path) -> str | None:
+    """Why ONNX Runtime cannot run on CUDA here, or None where it can. Asked of ONNX Runtime
+    itself, not of the service: onnxruntime-gpu lists CUDA as available even without a GPU and
+    silently runs a CUDA session on the CPU, so only `get_providers()` after creation tells."""
+    if CUDA not in ort.get_available_providers():
+        return f"this onnxruntime build has no {CUDA}"
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # its error on a CPU host is the expected answer here
+    session = ort.InferenceSession(
+        str(tiny_model / "decoder.onnx"), options, providers=[CUDA, "CPUExecutionProvider"]
+    )
+    if CUDA not in session.get_providers():
+        return f"a session asked for CUDA runs on {session.get_providers()} (no usable GPU)"
+    return None
+
+
 def test_cuda_without_a_gpu_is_a_clear_start_up_error(tiny_model: Path) -> None:
+    if cuda_unusable(tiny_model) is None:  # pragma: no cover - a machine with a working GPU
+        pytest.skip("CUDA works here: test_cuda_serves_where_a_gpu_works checks that path")
     done = subprocess.run(
         vae_serve(tiny_model.parent.parent, "--provider=cuda", "--grace-period=0"),
         capture_output=True,
@@ -84,11 +105,42 @@ def test_cuda_without_a_gpu_is_a_clear_start_up_error(tiny_model: Path) -> None:
         timeout=60,
         input="",
     )
-    if "SERVING" in done.stderr:  # pragma: no cover - a machine with a working GPU
-        pytest.skip("CUDA works here")
     assert done.returncode == 1, done.stderr
     assert "provider 'cuda' was requested but ONNX Runtime cannot use CUDA here" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_cuda_serves_where_a_gpu_works(tiny_model: Path) -> None:
+    """The positive check of the CUDA path, run wherever a GPU works: the sessions really run
+    on CUDA (get_providers after creation), and `vae-serve --provider=cuda` serves images that
+    the CPU session computes too."""
+    reason = cuda_unusable(tiny_model)
+    if reason is not None:
+        pytest.skip(f"no working CUDA here: {reason}")
+    runtime = Runtime.load(tiny_settings(tiny_model, provider="cuda"))  # pragma: no cover
+    try:  # pragma: no cover - a machine with a working GPU
+        assert CUDA in runtime.encoder.get_providers()
+        assert CUDA in runtime.decoder.get_providers()
+        assert runtime.info.providers[0] == CUDA
+    finally:
+        runtime.close()
+    repo = tiny_model.parent.parent  # pragma: no cover
+    with ServerProcess.start(repo, "tiny-vae", "--provider=cuda") as server:  # pragma: no cover
+        server.wait_serving()
+        with open_channel(server.target) as channel:
+            stub = vae_pb2_grpc.VaeServiceStub(channel)
+            info = stub.GetModelInfo(vae_pb2.GetModelInfoRequest(), timeout=30)
+            assert info.providers[0] == CUDA, info.providers
+            request = vae_pb2.SampleRequest(
+                count=64, seed=1, format=vae_pb2.IMAGE_FORMAT_PROBABILITIES, return_latents=True
+            )
+            reply = stub.Sample(request, timeout=60)
+        assert server.metric("vae_model_info", provider=CUDA) == 1
+    latents = np.frombuffer(reply.latents.data, np.float32).reshape(64, -1)  # pragma: no cover
+    served = np.frombuffer(reply.images.tensor.data, np.float32).reshape(64, 784)
+    cpu = ort.InferenceSession(str(tiny_model / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    (logits,) = cpu.run(None, {"latent": latents})
+    np.testing.assert_allclose(served, 1 / (1 + np.exp(-logits)), atol=1e-4)
 
 
 def test_auto_falls_back_to_the_cpu_with_a_warning(

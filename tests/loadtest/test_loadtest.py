@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import socket
-import time
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from service import loadtest
+from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
 
 
 def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[str, Any]]:
@@ -36,10 +39,9 @@ def test_closed_loop_sample(noop_port: int, capsys: pytest.CaptureFixture[str]) 
     assert status == 0
     assert report["config"]["mode"] == "closed"
     assert report["config"]["concurrency"] == 4
-    assert report["ok"] > 50
+    assert report["ok"] > 0
     assert report["errors"] == {}
     assert report["requests"] == report["ok"]
-    assert 0.9 < report["elapsed_s"] < 2.0
     assert report["requests_per_s"] == pytest.approx(report["ok"] / report["elapsed_s"])
     assert report["images_per_s"] == pytest.approx(64 * report["requests_per_s"])
     assert report["max_in_flight"] <= 4
@@ -59,9 +61,63 @@ def test_open_loop_decode_by_request_count(
     assert report["config"]["mode"] == "open"
     assert report["ok"] == 100  # exactly the measured requests asked for
     assert report["errors"] == {}
-    assert 0.2 < report["elapsed_s"] < 2.0  # about 100 / 200 per second
-    assert report["requests_per_s"] == pytest.approx(200, rel=0.5)
+    assert report["requests_per_s"] == pytest.approx(report["ok"] / report["elapsed_s"])
     assert_latency(report)
+
+
+class HeldSample(vae_pb2_grpc.VaeServiceServicer):
+    """Answers Sample only once `expected` calls have arrived (or after `patience` seconds):
+    a caller that waits for each reply before sending the next never gets them all in."""
+
+    def __init__(self, expected: int, patience: float = 20.0) -> None:
+        self.expected, self.patience = expected, patience
+        self.arrived = 0
+        self.all_in = threading.Condition()
+
+    def Sample(
+        self, request: vae_pb2.SampleRequest, context: grpc.ServicerContext
+    ) -> vae_pb2.SampleResponse:
+        with self.all_in:
+            self.arrived += 1
+            self.all_in.notify_all()
+            self.all_in.wait_for(lambda: self.arrived >= self.expected, self.patience)
+        return vae_pb2.SampleResponse(seed=request.seed)
+
+
+def test_open_loop_sends_on_schedule_whatever_the_replies_do(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    calls = 20
+    servicer = HeldSample(expected=calls)  # type: ignore[abstract]  # Sample alone
+    server = grpc.server(ThreadPoolExecutor(calls + 4))
+    vae_pb2_grpc.add_VaeServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        status, report = run_json(
+            capsys,
+            f"--target=127.0.0.1:{port}",
+            "--method=sample", "--count=1", "--rate=200", f"--requests={calls}", "--warmup=0",
+            "--timeout=60",
+        )  # fmt: skip
+    finally:
+        server.stop(None)
+    assert status == 0 and report["ok"] == calls
+    # Every call was sent before the first reply came: all of them in flight at once.
+    assert servicer.arrived == calls
+    assert report["max_in_flight"] == calls
+
+
+def test_closed_loop_waits_for_each_reply(
+    noop_port: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, report = run_json(
+        capsys,
+        f"--target=127.0.0.1:{noop_port}",
+        "--method=sample", "--count=1", "--concurrency=3", "--requests=60", "--warmup=0",
+    )  # fmt: skip
+    assert status == 0 and report["ok"] == 60
+    assert report["max_in_flight"] == 3  # never more than its callers
 
 
 @pytest.mark.parametrize(
@@ -85,12 +141,10 @@ def test_unreachable_target_reports_errors_by_status(capsys: pytest.CaptureFixtu
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    started = time.monotonic()
     status, report = run_json(
         capsys, f"--target=127.0.0.1:{port}", "--concurrency=2", "--duration=0.5", "--warmup=0",
         "--timeout=2",
     )  # fmt: skip
-    assert time.monotonic() - started < 10
     assert status == 1  # nothing succeeded
     assert report["ok"] == 0
     assert report["errors"].get("UNAVAILABLE", 0) > 0

@@ -1,23 +1,38 @@
 """The manifest: the contract between the export stage and the service.
 
 A model repository is laid out as `<repo>/<model-name>/<version>/` (versions are positive
-integers, as in Triton and TF Serving) holding `encoder.onnx`, `decoder.onnx` and
-`manifest.json`. The service trusts a version only after `verify_files` has matched every ONNX
-file against the sha256 recorded here. This module imports neither torch nor onnx, so the
-serving image can use it.
+integers, as in Triton and TF Serving, named in canonical ASCII decimal) holding `encoder.onnx`,
+`decoder.onnx` and `manifest.json`. The service trusts a version only after `open_version` has
+checked it: the folder and every file it reads lie inside the repository (symbolic links
+included) and are regular files, the manifest names this model and version, and every ONNX file
+matches the sha256 recorded here and keeps no weights in external files. Each refusal is a
+one-line reason. This module imports neither torch nor onnx, so the serving image can use it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import re
+import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from export.onnx_wire import WireError, external_tensors
+
+log = logging.getLogger(__name__)
+
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
+VERSION_NAME = re.compile(r"[1-9][0-9]*", re.ASCII)  # [0-9]: ASCII digits only, unlike \d
+MAX_VERSION = 2**63 - 1  # ModelInfo.version is an int64
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_NETWORK_BYTES = 1 << 30  # the default model's files are 1-2 MB; protobuf's limit is 2 GiB
 
 
 class ModelError(Exception):
@@ -44,7 +59,7 @@ class Manifest(BaseModel):
 
     format_version: int = FORMAT_VERSION
     name: str
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=MAX_VERSION)
     latent_size: int = Field(ge=1)
     image_shape: list[int]
     opset: int
@@ -75,51 +90,42 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_manifest(directory: Path) -> Manifest:
-    path = directory / MANIFEST_FILE
-    if not path.is_file():
-        raise ModelError(f"{path}: no manifest (is this a version exported by vae-export?)")
-    try:
-        return Manifest.model_validate(json.loads(path.read_text()))
-    except (json.JSONDecodeError, ValidationError) as e:
-        raise ModelError(f"{path}: not a valid manifest: {e}") from e
+# Version folders
 
 
-def verify_files(directory: Path, manifest: Manifest) -> None:
-    """Raise ModelError unless every ONNX file exists and matches its recorded sha256."""
-    latent = manifest.latent_size
-    pixels = 1
-    for side in manifest.image_shape:
-        pixels *= side
-    expected = {
-        "encoder": (["N", pixels], ["N", latent]),
-        "decoder": (["N", latent], ["N", pixels]),
-    }
-    for role, net in manifest.networks().items():
-        path = directory / net.path
-        if not path.is_file():
-            raise ModelError(f"{path}: the {role} file named in the manifest is missing")
-        actual = sha256_of(path)
-        if actual != net.sha256:
-            raise ModelError(
-                f"{path}: sha256 {actual} does not match the manifest's {net.sha256} "
-                "(the file was changed or corrupted after export)"
-            )
-        in_shape, out_shape = expected[role]
-        if [t.shape for t in net.inputs] != [in_shape] or any(
-            t.shape != out_shape for t in net.outputs
-        ):
-            raise ModelError(
-                f"{directory / MANIFEST_FILE}: the {role} signature does not fit latent_size="
-                f"{latent} and image_shape={manifest.image_shape}"
-            )
+def version_number(name: str) -> int | None:
+    """The version a folder name stands for, or None: only canonical ASCII decimals 1 to
+    2^63 - 1 (a protobuf int64) without leading zeros count, so each version has exactly one
+    folder ("02", "٣" and "²" name none)."""
+    if not VERSION_NAME.fullmatch(name):
+        return None
+    version = int(name)
+    return version if version <= MAX_VERSION else None
+
+
+_ignored_reported: set[Path] = set()
 
 
 def list_versions(model_dir: Path) -> list[int]:
-    """The version numbers under `<repo>/<model-name>/`, ascending."""
+    """The version numbers under `<repo>/<model-name>/`, ascending. Other entries are ignored:
+    hidden ones (an export's staging folder) silently, the rest with one warning each per
+    process."""
     if not model_dir.is_dir():
         return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    versions = []
+    for entry in model_dir.iterdir():
+        version = version_number(entry.name)
+        if version is not None and entry.is_dir():
+            versions.append(version)
+        elif not entry.name.startswith(".") and entry not in _ignored_reported:
+            _ignored_reported.add(entry)
+            log.warning(
+                "ignoring %a: not a version folder (expected a folder named by a number from 1 "
+                "to %d, without leading zeros)",
+                str(entry),
+                MAX_VERSION,
+            )
+    return sorted(versions)
 
 
 def resolve_version(repo: Path, name: str, version: int | None = None) -> Path:
@@ -137,13 +143,195 @@ def resolve_version(repo: Path, name: str, version: int | None = None) -> Path:
     return model_dir / str(chosen)
 
 
-def load_verified(directory: Path) -> Manifest:
-    """Read the manifest of one version directory and verify its files against it."""
-    manifest = read_manifest(directory)
-    if directory.name.isdigit() and int(directory.name) != manifest.version:
+# Reading a version's files: inside the repository, regular files, checksummed
+
+
+def _read_inside(path: Path, root: Path, what: str, limit: int) -> bytes:
+    """The bytes of `path`, a regular file whose real path lies inside `root` (the resolved
+    repository), at most `limit` bytes; else ModelError with a one-line reason. Opened without
+    following a last symbolic link and without blocking (a FIFO), so what is checked is what
+    is read."""
+    try:
+        real = path.resolve(strict=True)
+    except FileNotFoundError:
+        raise ModelError(f"{path}: the {what} is missing") from None
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symbolic link loop
+        raise ModelError(f"{path}: cannot resolve the {what}: {e}") from e
+    if not real.is_relative_to(root):
+        raise ModelError(f"{path}: the {what} lies outside the model repository {root}; refused")
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        raise ModelError(f"{path}: cannot open the {what}: {e.strerror}") from e
+    with os.fdopen(fd, "rb") as f:
+        status = os.fstat(f.fileno())
+        if not stat.S_ISREG(status.st_mode):
+            raise ModelError(f"{path}: the {what} is not a regular file; refused")
+        if status.st_size > limit:
+            raise ModelError(
+                f"{path}: the {what} has {status.st_size} bytes, above the limit of {limit}"
+            )
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ModelError(f"{path}: the {what} grew above the limit of {limit} bytes")
+    return data
+
+
+def _one_line(error: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(map(str, e['loc'])) or 'manifest'}: {e['msg']}" for e in error.errors()
+    )
+
+
+def _read_manifest(directory: Path, root: Path) -> Manifest:
+    path = directory / MANIFEST_FILE
+    if not path.exists():
+        raise ModelError(f"{path}: no manifest (is this a version exported by vae-export?)")
+    data = _read_inside(path, root, "manifest", MAX_MANIFEST_BYTES)
+    try:
+        return Manifest.model_validate(json.loads(data))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path}: not a valid manifest: not JSON ({e})") from e
+    except ValidationError as e:
+        raise ModelError(f"{path}: not a valid manifest: {_one_line(e)}") from e
+
+
+def read_manifest(directory: Path) -> Manifest:
+    """The manifest of a `<repo>/<name>/<version>` folder (read as `load_verified` reads it)."""
+    return _read_manifest(directory, _repository_root(directory))
+
+
+def _repository_root(directory: Path) -> Path:
+    try:
+        return directory.parent.parent.resolve(strict=True)
+    except (OSError, RuntimeError) as e:
+        raise ModelError(f"{directory}: cannot resolve its model repository: {e}") from e
+
+
+def _check_signatures(directory: Path, manifest: Manifest) -> None:
+    latent = manifest.latent_size
+    pixels = 1
+    for side in manifest.image_shape:
+        pixels *= side
+    expected = {
+        "encoder": (["N", pixels], ["N", latent]),
+        "decoder": (["N", latent], ["N", pixels]),
+    }
+    for role, net in manifest.networks().items():
+        in_shape, out_shape = expected[role]
+        if [t.shape for t in net.inputs] != [in_shape] or any(
+            t.shape != out_shape for t in net.outputs
+        ):
+            raise ModelError(
+                f"{directory / MANIFEST_FILE}: the {role} signature does not fit latent_size="
+                f"{latent} and image_shape={manifest.image_shape}"
+            )
+
+
+def _read_network(
+    directory: Path,
+    root: Path,
+    role: str,
+    net: NetworkFile,
+    malformed: dict[str, str] | None = None,
+) -> bytes:
+    """One ONNX file of the version, verified: a plain file name in the version folder, inside
+    the repository, a regular file, its sha256 the manifest's, no tensor in external files.
+    Bytes that are not a protobuf message raise, or with `malformed` are noted there by role
+    (the caller lets ONNX Runtime say why it cannot load them)."""
+    name = net.path
+    if name in ("", ".", "..") or any(c in name for c in "/\\\0") or Path(name).name != name:
         raise ModelError(
-            f"{directory}: the directory says version {directory.name}, "
+            f"{directory / MANIFEST_FILE}: {role}.path {name!a} is not a plain file name "
+            "inside the version folder; refused"
+        )
+    path = directory / name
+    data = _read_inside(path, root, f"{role} file named in the manifest", MAX_NETWORK_BYTES)
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != net.sha256:
+        raise ModelError(
+            f"{path}: sha256 {actual} does not match the manifest's {net.sha256} "
+            "(the file was changed or corrupted after export)"
+        )
+    try:
+        external = external_tensors(data)
+    except WireError as e:
+        if malformed is None:
+            raise ModelError(f"{path}: not an ONNX file ({e})") from e
+        malformed[role] = f"{path}: not a well-formed ONNX file ({e})"
+        return data
+    if external:
+        raise ModelError(
+            f"{path}: {len(external)} tensor(s) ({', '.join(external[:3])}) are kept in external "
+            "data files, outside the manifest's sha256; export the graph as one file"
+        )
+    return data
+
+
+@dataclass(frozen=True)
+class VerifiedVersion:
+    """A version whose manifest and files passed every check; `networks` holds the bytes that
+    were checksummed (give these to ONNX Runtime, not the paths: no file can change between
+    the check and the load). `malformed`: the networks whose bytes are not a protobuf message
+    (so not checked for external data), with the reason: refuse them, after ONNX Runtime has
+    said why it cannot load them."""
+
+    directory: Path
+    manifest: Manifest
+    networks: dict[str, bytes]
+    malformed: dict[str, str]
+
+
+def open_version(directory: Path) -> VerifiedVersion:
+    """Read and verify one `<repo>/<name>/<version>` folder: its name is a version number, it
+    and every file lie inside the repository, the manifest names this model and version, and
+    every ONNX file matches its sha256. Raises ModelError with a one-line reason."""
+    root = _repository_root(directory)
+    version = version_number(directory.name)
+    if version is None:
+        raise ModelError(
+            f"{directory}: not a version folder name (a number from 1 to {MAX_VERSION})"
+        )
+    try:
+        real = directory.resolve(strict=True)
+    except (OSError, RuntimeError) as e:
+        raise ModelError(f"{directory}: cannot resolve the version folder: {e}") from e
+    if not real.is_relative_to(root) or not real.is_dir():
+        raise ModelError(
+            f"{directory}: the version folder lies outside the model repository {root}, or is "
+            "not a folder; refused"
+        )
+    manifest = _read_manifest(directory, root)
+    if manifest.version != version:
+        raise ModelError(
+            f"{directory}: the directory says version {version}, "
             f"the manifest says {manifest.version}"
         )
-    verify_files(directory, manifest)
-    return manifest
+    if manifest.name != directory.parent.name:
+        raise ModelError(
+            f"{directory}: the manifest names model {manifest.name!a}, the folder "
+            f"{directory.parent.name!a}"
+        )
+    _check_signatures(directory, manifest)
+    malformed: dict[str, str] = {}
+    networks = {
+        role: _read_network(directory, root, role, net, malformed)
+        for role, net in manifest.networks().items()
+    }
+    return VerifiedVersion(directory, manifest, networks, malformed)
+
+
+def verify_files(directory: Path, manifest: Manifest) -> None:
+    """Raise ModelError unless every ONNX file passes `open_version`'s checks."""
+    root = _repository_root(directory)
+    _check_signatures(directory, manifest)
+    for role, net in manifest.networks().items():
+        _read_network(directory, root, role, net)
+
+
+def load_verified(directory: Path) -> Manifest:
+    """Read the manifest of one version directory and verify its files against it."""
+    version = open_version(directory)
+    for reason in version.malformed.values():
+        raise ModelError(reason)
+    return version.manifest

@@ -22,11 +22,14 @@ from PIL import Image, UnidentifiedImageError
 from service.errors import InvalidArgument
 from service.latent import Scores
 from service.proto.vae.v1 import vae_pb2
-from service.runtime import ModelInfo
+from service.runtime import LATENT_LIMIT, SERVED_IMAGE_SHAPE, ModelInfo
 from service.sampling import bernoulli, to_uint8
 
-IMAGE_SHAPE = (28, 28)
+IMAGE_SHAPE = SERVED_IMAGE_SHAPE
 IMAGE_SIZE = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
+# Sample's temperature scales N(0, I): at this bound a draw would have to lie 10 standard
+# deviations out to leave the latent range the decoder is checked on (LATENT_LIMIT).
+MAX_TEMPERATURE = LATENT_LIMIT / 10
 
 DTYPES: dict[int, np.dtype] = {
     vae_pb2.DATA_TYPE_FLOAT32: np.dtype("<f4"),
@@ -44,6 +47,16 @@ OTHER_FORMATS = {
     b"RIFF": "RIFF (WebP?)",
 }
 MAX_DIMS = 8  # of any tensor in a request (the API's have 1 to 3; numpy allows 64)
+# PNG input. Only the chunks that make the image reach Pillow: text (tEXt, zTXt, iTXt), ICC
+# profiles, EXIF and the rest are dropped unread, so no compressed metadata is ever inflated
+# (60 zTXt chunks in a 60 KB file made Pillow inflate 60 MB). A 28x28 image is at most 6.4 KB
+# of pixel data (16-bit RGBA, uncompressed), so the size and chunk limits leave metadata room.
+IMAGE_CHUNKS = frozenset({b"IHDR", b"PLTE", b"tRNS", b"IDAT", b"IEND"})
+MAX_PNG_BYTES = 256 * 1024
+MAX_PNG_CHUNKS = 256
+# PNG requests above these are decoded on the inference threads, not on the event loop.
+INLINE_PNG_IMAGES = 16
+INLINE_PNG_BYTES = 64 * 1024
 ImageFormat: TypeAlias = vae_pb2.ImageFormat.ValueType
 
 
@@ -116,39 +129,89 @@ def images_from_tensor(tensor: vae_pb2.Tensor, field: str, *, limit: int) -> np.
 
 
 def images_from_png(files: Sequence[bytes], field: str, *, limit: int) -> np.ndarray:
-    """float32 [N, 784] from one 28x28 PNG per image (colour becomes luminance)."""
+    """float32 [N, 784] in [0, 1] from one 28x28 PNG per image (see `_intensities`)."""
     if not files:
         raise InvalidArgument(field, "empty batch: expected at least one PNG")
     if len(files) > limit:
         raise InvalidArgument(
             field, f"{len(files)} images is above the limit of {limit} per request"
         )
-    out = np.empty((len(files), IMAGE_SIZE), dtype=np.uint8)
+    out = np.empty((len(files), IMAGE_SIZE), dtype=np.float32)
     for i, data in enumerate(files):
+        name = f"{field}[{i}]"
         if not data.startswith(PNG_SIGNATURE):
-            raise InvalidArgument(f"{field}[{i}]", _not_png(data))
+            raise InvalidArgument(name, _not_png(data))
+        if len(data) > MAX_PNG_BYTES:
+            raise InvalidArgument(
+                name, f"expected a 28x28 PNG file of at most {MAX_PNG_BYTES} bytes, got {len(data)}"
+            )
         try:
-            # Only Pillow's PNG parser sees the caller's bytes; a header claiming a huge image is
-            # refused (DecompressionBombError) before anything is decoded.
-            with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+            # Only Pillow's PNG parser sees the caller's bytes, and only the image's own chunks;
+            # a header claiming a huge image is refused before anything is decoded.
+            with Image.open(io.BytesIO(_image_chunks(data, name)), formats=["PNG"]) as image:
                 if image.size != IMAGE_SHAPE[::-1]:
                     raise InvalidArgument(
-                        f"{field}[{i}]",
-                        f"expected a 28x28 image, got {image.size[0]}x{image.size[1]}",
+                        name, f"expected a 28x28 image, got {image.size[0]}x{image.size[1]}"
                     )
-                out[i] = np.asarray(image.convert("L")).reshape(IMAGE_SIZE)
+                out[i] = _intensities(image)
         except UnidentifiedImageError as e:  # its message shows a server object's address
-            raise InvalidArgument(
-                f"{field}[{i}]", "not a decodable PNG file (its header is broken)"
-            ) from e
+            raise InvalidArgument(name, "not a decodable PNG file (its header is broken)") from e
         except (
             Image.DecompressionBombError,
             OSError,
             ValueError,
             SyntaxError,
         ) as e:
-            raise InvalidArgument(f"{field}[{i}]", f"not a decodable PNG file ({e})") from e
-    return np.multiply(out, np.float32(1 / 255), dtype=np.float32)
+            raise InvalidArgument(name, f"not a decodable PNG file ({e})") from e
+    return out
+
+
+def _image_chunks(data: bytes, field: str) -> bytes:
+    """The PNG with only IMAGE_CHUNKS kept (walked by their length fields, nothing inflated);
+    at most MAX_PNG_CHUNKS chunks. Pillow checks each kept chunk's CRC."""
+    kept = [PNG_SIGNATURE]
+    pos, chunks, end_of_file = len(PNG_SIGNATURE), 0, len(data)
+    while pos < end_of_file:
+        chunks += 1
+        if chunks > MAX_PNG_CHUNKS:
+            raise InvalidArgument(field, f"expected a PNG file of at most {MAX_PNG_CHUNKS} chunks")
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        kind = data[pos + 4 : pos + 8]
+        end = pos + 12 + length  # length, type, data, CRC
+        if end > end_of_file:
+            raise InvalidArgument(field, "not a decodable PNG file (a chunk is cut short)")
+        if kind in IMAGE_CHUNKS:
+            kept.append(data[pos:end])
+        pos = end
+        if kind == b"IEND":
+            break
+    return b"".join(kept)
+
+
+def _intensities(image: Image.Image) -> np.ndarray:
+    """float32 [784] in [0, 1] from a decoded 28x28 PNG; 1 is ink (white), as in MNIST.
+
+    - 16-bit greyscale keeps its 16 bits: v / 65535 (Pillow's convert("L") would clip it).
+    - Colour becomes luminance (ITU-R 601: 0.299 R + 0.587 G + 0.114 B); 16-bit colour is read
+      at 8 bits a channel.
+    - Transparency (an alpha channel, or a tRNS colour or palette entry) is composited onto
+      black, MNIST's background: intensity = luminance x alpha. A transparent pixel is
+      background whatever its colour; white (or light) strokes on a transparent canvas are
+      ink; black strokes are not, as on an opaque black canvas (invert such a drawing first).
+    """
+    transparency = image.info.get("transparency")
+    if image.mode.startswith("I"):  # "I;16", "I;16B", "I": 16-bit greyscale
+        grey = np.asarray(image, dtype=np.float32).reshape(IMAGE_SIZE) / np.float32(65535)
+        if isinstance(transparency, int):
+            grey[np.asarray(image).reshape(IMAGE_SIZE) == transparency] = 0.0
+        return grey
+    if "A" in image.mode or transparency is not None:  # RGBA, LA, PA; P, L, RGB with tRNS
+        rgba = image.convert("RGBA")
+        luminance = np.asarray(rgba.convert("L"), dtype=np.float32).reshape(IMAGE_SIZE)
+        alpha = np.asarray(rgba.getchannel("A"), dtype=np.float32).reshape(IMAGE_SIZE)
+        return luminance * alpha / np.float32(255 * 255)
+    grey = np.asarray(image.convert("L"), dtype=np.float32).reshape(IMAGE_SIZE)
+    return grey / np.float32(255)
 
 
 def _not_png(data: bytes) -> str:
@@ -162,6 +225,15 @@ def png_count(images: vae_pb2.ImageInput) -> int:
     return len(images.png.images) if images.WhichOneof("images") == "png" else 0
 
 
+def png_inline(images: vae_pb2.ImageInput) -> bool:
+    """Whether the request's PNGs (if any) are few and small enough to decode on the event
+    loop (about 50 us each); larger batches go to the inference threads."""
+    if images.WhichOneof("images") != "png":
+        return True
+    files = images.png.images
+    return len(files) <= INLINE_PNG_IMAGES and sum(map(len, files)) <= INLINE_PNG_BYTES
+
+
 def images_in(images: vae_pb2.ImageInput, field: str, *, limit: int) -> np.ndarray:
     kind = images.WhichOneof("images")
     if kind == "tensor":
@@ -171,8 +243,21 @@ def images_in(images: vae_pb2.ImageInput, field: str, *, limit: int) -> np.ndarr
     raise InvalidArgument(field, "expected images as a tensor or as png files, got neither")
 
 
+def _check_latent_range(array: np.ndarray, field: str) -> None:
+    """Finite and within +-LATENT_LIMIT (beyond it the decoder's float32 arithmetic is not
+    checked, and at 3.4e38 it overflows to NaN)."""
+    low, high = _check_finite(array, field)
+    if max(-low, high) > LATENT_LIMIT:
+        where = np.argwhere(np.abs(array) > LATENT_LIMIT)[0].tolist()
+        raise InvalidArgument(
+            f"{field}.data",
+            f"expected values in [-{LATENT_LIMIT:g}, {LATENT_LIMIT:g}], found "
+            f"{array[tuple(where)]} at {where}",
+        )
+
+
 def latents_in(tensor: vae_pb2.Tensor, field: str, *, latent_size: int, limit: int) -> np.ndarray:
-    """float32 [N, latent_size], finite."""
+    """float32 [N, latent_size], finite, each value within +-LATENT_LIMIT."""
     array = tensor_array(tensor, field, limit=limit)
     if array.dtype != np.float32:
         raise InvalidArgument(
@@ -184,7 +269,7 @@ def latents_in(tensor: vae_pb2.Tensor, field: str, *, latent_size: int, limit: i
             f"{field}.shape",
             f"expected [N, {latent_size}] (the latent size), got {list(array.shape)}",
         )
-    _check_finite(array, field)
+    _check_latent_range(array, field)
     return array
 
 
@@ -209,8 +294,10 @@ def temperature_in(request: vae_pb2.SampleRequest, field: str) -> float:
     if not request.HasField("temperature"):
         return 1.0
     t = request.temperature
-    if not (math.isfinite(t) and t > 0):
-        raise InvalidArgument(field, f"expected a finite number > 0, got {t}")
+    if not (math.isfinite(t) and 0 < t <= MAX_TEMPERATURE):
+        raise InvalidArgument(
+            field, f"expected a finite number > 0 and at most {MAX_TEMPERATURE:g}, got {t:g}"
+        )
     return t
 
 
@@ -332,7 +419,7 @@ def endpoint_in(
                 f"{sub}.dtype",
                 f"expected DATA_TYPE_FLOAT32, got {vae_pb2.DataType.Name(endpoint.latent.dtype)}",
             )
-        _check_finite(array, sub)
+        _check_latent_range(array, sub)
         return Endpoint(array.reshape(latent_size), is_image=False)
     raise InvalidArgument(field, "expected an image or a latent, got neither")
 

@@ -17,6 +17,7 @@ from typing import ParamSpec, TypeVar
 
 import numpy as np
 
+from export.manifest import ModelError, version_number
 from service.batching import Batcher
 from service.metrics import Metrics
 from service.runtime import ModelInfo, Runtime
@@ -107,11 +108,14 @@ def open_model(
     Raises ModelError or ProviderError, like `Runtime.load`.
     """
     if directory is not None:
+        version = version_number(directory.name)
+        if version is None:
+            raise ModelError(f"{directory}: not a version folder name")
         settings = settings.model_copy(
             update={
                 "model_repo": directory.parent.parent,
                 "model_name": directory.parent.name,
-                "model_version": int(directory.name),
+                "model_version": version,
             }
         )
     return ServedModel(Runtime.load(settings, metrics), settings, metrics)

@@ -95,6 +95,7 @@ class ModelHolder:
         self._lock = asyncio.Lock()
         self._closing: set[asyncio.Task[None]] = set()
         self._rejected: dict[Path, tuple[tuple[str, int, int], ...]] = {}
+        self._nothing_to_load: str | None = None  # the last such reason, logged once
 
     def open(self) -> ModelInfo:
         """Load the version the settings name (blocking; raises ModelError / ProviderError
@@ -141,7 +142,12 @@ class ModelHolder:
                     self.settings.model_repo, self.settings.model_name, self.settings.model_version
                 )
             except ModelError as e:
+                # An empty repository (or a pinned version gone) is said once, not every poll.
+                if str(e) == self._nothing_to_load:
+                    return False
+                self._nothing_to_load = str(e)
                 return self._reject(None, f"nothing to load: {e}")
+            self._nothing_to_load = None
             live = self.current.info
             if not force and directory.name == str(live.version):
                 return False

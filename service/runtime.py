@@ -23,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 from prometheus_client import Histogram
 
-from export.manifest import Manifest, ModelError, NetworkFile, load_verified, resolve_version
+from export.manifest import Manifest, ModelError, NetworkFile, open_version, resolve_version
 from service.metrics import Metrics
 from service.sampling import sigmoid_
 from service.settings import Settings
@@ -33,6 +33,12 @@ log = logging.getLogger(__name__)
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 WARM_UP_BATCH_SIZES = (1, 64)
+# What the service serves: the codec reads and writes 28x28 images (a model for another size is
+# refused at load), and latents within +-LATENT_LIMIT (the prior is N(0, I): beyond a few units
+# nothing is typical, and at float32's 3.4e38 the network overflows to NaN). A model is refused
+# unless its decoder stays finite at the corners of that box.
+SERVED_IMAGE_SHAPE = (28, 28)
+LATENT_LIMIT = 1e4
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -69,23 +75,27 @@ def session_options(settings: Settings) -> ort.SessionOptions:
     return options
 
 
-def _open_session(path: Path, settings: Settings, providers: list[str]) -> ort.InferenceSession:
+def _open_session(
+    path: Path, graph: bytes, settings: Settings, providers: list[str]
+) -> ort.InferenceSession:
+    """A session from the verified bytes (`path` only names it in errors)."""
     try:
-        return ort.InferenceSession(str(path), session_options(settings), providers=providers)
+        return ort.InferenceSession(graph, session_options(settings), providers=providers)
     except Exception as e:  # ONNX Runtime raises its own untyped errors on a bad graph
-        raise ModelError(f"{path}: ONNX Runtime cannot load it: {e}") from e
+        reason = " ".join(str(e).split())  # one line in the log
+        raise ModelError(f"{path}: ONNX Runtime cannot load it: {reason}") from e
 
 
-def _open_with_provider(path: Path, settings: Settings) -> ort.InferenceSession:
+def _open_with_provider(path: Path, graph: bytes, settings: Settings) -> ort.InferenceSession:
     """Open one session on the provider the settings ask for.
 
     onnxruntime-gpu lists CUDA as available even without a GPU, and a session asked for CUDA
     silently runs on the CPU: only `get_providers()` after creation tells the truth.
     """
     if settings.provider == "cpu":
-        return _open_session(path, settings, [CPU])
+        return _open_session(path, graph, settings, [CPU])
     if settings.provider == "cuda":
-        session = _open_session(path, settings, [CUDA, CPU])
+        session = _open_session(path, graph, settings, [CUDA, CPU])
         if CUDA not in session.get_providers():
             raise ProviderError(
                 "provider 'cuda' was requested but ONNX Runtime cannot use CUDA here (no GPU, "
@@ -94,28 +104,69 @@ def _open_with_provider(path: Path, settings: Settings) -> ort.InferenceSession:
             )
         return session
     if CUDA not in ort.get_available_providers():
-        return _open_session(path, settings, [CPU])
+        return _open_session(path, graph, settings, [CPU])
     # auto: try CUDA quietly (its failure is expected on CPU hosts), then tell what happened.
     ort.set_default_logger_severity(4)
     try:
-        session = _open_session(path, settings, [CUDA, CPU])
+        session = _open_session(path, graph, settings, [CUDA, CPU])
     finally:
         ort.set_default_logger_severity(2)
     return session
 
 
 def _check_signature(
-    session: ort.InferenceSession, net: NetworkFile, role: str, path: Path
+    session: ort.InferenceSession, net: NetworkFile, role: str, path: Path, widths: list[int]
 ) -> None:
-    inputs = [i.name for i in session.get_inputs()]
-    outputs = [o.name for o in session.get_outputs()]
-    expected_in = [t.name for t in net.inputs]
-    expected_out = [t.name for t in net.outputs]
-    if inputs != expected_in or outputs != expected_out:
+    """The graph's own inputs and outputs against the manifest: the same names, float32, and
+    [batch, width] with `widths` the service's sizes (input first); a dimension the graph
+    leaves symbolic is checked by `_probe`'s run instead."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    names = [i.name for i in inputs], [o.name for o in outputs]
+    expected = [t.name for t in net.inputs], [t.name for t in net.outputs]
+    if names != expected:
         raise ModelError(
-            f"{path}: the {role} graph has inputs {inputs} and outputs {outputs}, the manifest "
-            f"says {expected_in} and {expected_out}"
+            f"{path}: the {role} graph has inputs {names[0]} and outputs {names[1]}, the manifest "
+            f"says {expected[0]} and {expected[1]}"
         )
+    for arg, width in zip([*inputs, *outputs], widths, strict=True):
+        shape = list(arg.shape)
+        fits = len(shape) == 2 and (shape[1] == width or not isinstance(shape[1], int))
+        if arg.type != "tensor(float)" or not fits:
+            raise ModelError(
+                f"{path}: the {role} graph's {arg.name} is {arg.type} {shape}, this service "
+                f"needs tensor(float) [N, {width}]"
+            )
+
+
+def _probe(encoder: ort.InferenceSession, decoder: ort.InferenceSession, info: ModelInfo) -> None:
+    """A tiny warm-up: run both networks once on a batch of 2 and check what comes back: the
+    shapes and dtypes the service reads, and finite values for images in [0, 1] and latents at
+    +-LATENT_LIMIT (the largest a request may send). ModelError with a one-line reason
+    otherwise."""
+    latent, pixels = info.latent_size, info.image_size
+    images = np.stack([np.zeros(pixels, np.float32), np.ones(pixels, np.float32)])
+    latents = np.stack([np.full(latent, v, np.float32) for v in (LATENT_LIMIT, -LATENT_LIMIT)])
+    runs = [
+        ("encoder", encoder, images, [(2, latent), (2, latent)]),
+        ("decoder", decoder, latents, [(2, pixels)]),
+    ]
+    for role, session, feed, shapes in runs:
+        try:
+            outputs = session.run(None, {session.get_inputs()[0].name: feed})
+        except Exception as e:  # ONNX Runtime's own errors
+            raise ModelError(
+                f"warm-up failed: {role}: a run on a batch of 2: {' '.join(str(e).split())}"
+            ) from e
+        got = [(o.dtype.name, o.shape) for o in outputs]
+        if got != [("float32", shape) for shape in shapes]:
+            raise ModelError(
+                f"warm-up failed: {role}: a run on a batch of 2 returned {got}, this service needs "
+                f"{[('float32', shape) for shape in shapes]} (latent size {latent}, "
+                f"{pixels} pixels)"
+            )
+        if not all(np.isfinite(o).all() for o in outputs):
+            inputs = "images of 0 and 1" if role == "encoder" else f"latents of +-{LATENT_LIMIT:g}"
+            raise ModelError(f"warm-up failed: {role}: non-finite values for {inputs}")
 
 
 class Runtime:
@@ -163,12 +214,22 @@ class Runtime:
         directory = resolve_version(
             settings.model_repo, settings.model_name, settings.model_version
         )
-        manifest = load_verified(directory)
+        version = open_version(directory)
+        manifest = version.manifest
+        if tuple(manifest.image_shape) != SERVED_IMAGE_SHAPE:
+            raise ModelError(
+                f"{directory}: the model is for {manifest.image_shape} images, this service "
+                f"serves {list(SERVED_IMAGE_SHAPE)}"
+            )
+        pixels, latent = int(np.prod(SERVED_IMAGE_SHAPE)), manifest.latent_size
+        widths = {"encoder": [pixels, latent, latent], "decoder": [latent, pixels]}
         sessions = {}
         for role, net in manifest.networks().items():
             path = directory / net.path
-            session = _open_with_provider(path, settings)
-            _check_signature(session, net, role, path)
+            session = _open_with_provider(path, version.networks[role], settings)
+            if role in version.malformed:  # ONNX Runtime took it; its tensors are unchecked
+                raise ModelError(version.malformed[role])
+            _check_signature(session, net, role, path, widths[role])
             sessions[role] = session
         providers = sessions["decoder"].get_providers()
         if settings.provider == "auto" and CUDA not in providers:
@@ -195,6 +256,11 @@ class Runtime:
             workers=settings.inference_workers,
             metrics=metrics,
         )
+        try:
+            _probe(runtime.encoder, runtime.decoder, runtime.info)
+        except ModelError as e:
+            runtime.close()
+            raise ModelError(f"{directory}: {e}") from e
         return runtime
 
     @property

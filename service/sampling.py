@@ -27,9 +27,14 @@ POSTERIOR_STREAM = 1  # eps for Encode's samples
 BERNOULLI_STREAM = 2  # pixel draws for IMAGE_FORMAT_BINARY
 
 
+# Seeds the server picks stay below 2^53, so a client holding 64-bit integers as IEEE doubles
+# (JavaScript's Number, JSON parsers) reads them back exactly. Callers may send any uint64.
+SEED_BITS = 53
+
+
 def pick_seed() -> int:
-    """A fresh uint64 seed for a request that sent none (returned to the caller)."""
-    return secrets.randbits(64)
+    """A fresh seed (0 to 2^53 - 1) for a request that sent none (returned to the caller)."""
+    return secrets.randbits(SEED_BITS)
 
 
 _SEED_AND_STREAM = struct.Struct("<QQ")

@@ -93,8 +93,9 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         return output
 
     async def _images_in(self, images: vae_pb2.ImageInput) -> np.ndarray:
-        """The request's images as float32 [N, 784] (many PNGs are decoded off the event loop)."""
-        if codec.png_count(images) > INLINE_PNG_IMAGES:
+        """The request's images as float32 [N, 784] (many or large PNGs are decoded off the event
+        loop)."""
+        if not codec.png_inline(images):
             return await self.model.offload(codec.images_in, images, "images", limit=self.max_items)
         return codec.images_in(images, "images", limit=self.max_items)
 

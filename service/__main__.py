@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from pydantic_settings import CliApp, CliSettingsSource
 
 from export.manifest import ModelError
+from service import logs
 from service.runtime import ProviderError
 from service.server import StartupError, serve
 from service.settings import Settings
@@ -67,10 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as e:
         print(f"vae-serve: invalid settings: {settings_errors(e)}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(settings.log_level, settings.log_format)
     log.info("settings: %s", settings.model_dump_json())
     try:
         run(serve(settings), settings.event_loop)

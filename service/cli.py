@@ -2,8 +2,9 @@
 
 vae-client info
 vae-client sample -n 64 --seed 1 --out samples.png     # a PNG grid; no --out: ASCII preview
+vae-client sample -n 1 --seed 7 --out digit.png        # one image: a plain 28x28 PNG
 vae-client encode digit.png [more.png ...] [--out latents.npy]
-vae-client decode latents.npy --out decoded.png        # or: decode --z 0.1,-1,0.5,2
+vae-client decode latents.npy --out decoded.png        # or: decode --z -0.1,1,0.5,2
 vae-client interpolate a.png b.png --steps 10 [--slerp] [--gif]    # exploration: service/explore.py
 vae-client attribute --ink | --labels 3 8 | --groups DIR_A DIR_B [IMG ...] [--strengths ...]
 vae-client traverse digit.png [--dims 0-7] [--range -3 3] [--steps 9]
@@ -19,6 +20,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
 import numpy as np
@@ -26,8 +28,10 @@ from PIL import Image
 
 from service import explore
 from service.client import DEFAULT_TIMEOUT, FORMATS, Images, VaeClient, tls_credentials
+from service.explore_inputs import read_png
 
 ASCII_RAMP = " .:-=+*#%@"
+VALUE_FLAGS = {"--z"}  # flags whose value may start with '-' (see _attach_values)
 # TLS to a server started with --tls-cert/--tls-key: the CA to trust, and the client's own
 # certificate and key for mutual TLS.
 TLS_FLAGS = {
@@ -51,8 +55,9 @@ def grid(images: np.ndarray, columns: int | None = None, padding: int = 2) -> np
 
 
 def write_grid(images: np.ndarray, path: Path, columns: int | None = None) -> tuple[int, int]:
-    """Save the images as one PNG grid; returns its (width, height) in pixels."""
-    picture = Image.fromarray(grid(images, columns), mode="L")
+    """Save the images as one PNG grid; returns its (width, height) in pixels. One image is
+    saved as itself (28x28, no border), so it can be sent back to `encode`."""
+    picture = Image.fromarray(images[0] if len(images) == 1 else grid(images, columns), mode="L")
     picture.save(path, format="PNG")
     return picture.size
 
@@ -104,7 +109,7 @@ def cmd_sample(vae: VaeClient, args: argparse.Namespace) -> None:
 
 
 def cmd_encode(vae: VaeClient, args: argparse.Namespace) -> None:
-    files = [Path(p).read_bytes() for p in args.images]
+    files = [read_png(Path(p)) for p in args.images]
     result = vae.encode(files, samples_per_image=args.samples, seed=args.seed)
     sigma = np.exp(result.log_variance / 2)
     with np.printoptions(precision=3, suppress=True, linewidth=200):
@@ -117,18 +122,48 @@ def cmd_encode(vae: VaeClient, args: argparse.Namespace) -> None:
         print(f"means [{len(files)}, {result.mean.shape[1]}] -> {args.out}")
 
 
+def latent_values(text: str) -> list[float]:
+    """`--z 0.5,-1.2,3`: one latent as comma-separated numbers."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers such as 0.5,-1.2,3, got {text!r}"
+        ) from None
+    return values
+
+
+def read_latents(path: str) -> np.ndarray:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"vae-client: {path}: not a readable .npy array ({e})") from e
+    if array.dtype.kind not in "fiu" or array.ndim > 2:
+        raise SystemExit(f"vae-client: {path}: expected numbers [N, latent] or [latent]")
+    return np.atleast_2d(array)
+
+
 def cmd_decode(vae: VaeClient, args: argparse.Namespace) -> None:
-    rows = [np.atleast_2d(np.load(p, allow_pickle=False)) for p in args.latents]
-    rows += [np.array([[float(v) for v in z.split(",")]]) for z in args.z]
+    rows = [read_latents(p) for p in args.latents]
+    rows += [np.array([z]) for z in args.z]
     if not rows:
-        raise SystemExit("decode: give latents as .npy files or --z v1,v2,...")
+        raise SystemExit("vae-client: decode: give latents as .npy files or --z v1,v2,...")
+    if len({row.shape[1] for row in rows}) > 1:
+        raise SystemExit("vae-client: decode: the latents have different sizes")
     latents = np.concatenate(rows).astype(np.float32)
     result = vae.decode(latents, image_format=args.format, seed=args.seed)
     show(result, args, "decoded")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (exit status 2) instead of the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vae-client", description="Call a running vae-serve.")
+    p: argparse.ArgumentParser = Parser(prog="vae-client", description="Call a running vae-serve.")
     p.add_argument(
         "--target",
         default=os.environ.get("VAE_TARGET", "localhost:50051"),
@@ -163,7 +198,13 @@ def parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("decode", help="images from latents")
     d.add_argument("latents", nargs="*", help=".npy files of [N, latent] or [latent]")
-    d.add_argument("--z", action="append", default=[], help="one latent as v1,v2,... (repeatable)")
+    d.add_argument(
+        "--z",
+        action="append",
+        type=latent_values,
+        default=[],
+        help="one latent as v1,v2,... (repeatable; a leading minus is fine: --z -0.5,1.2)",
+    )
     d.add_argument("--format", choices=tensor_formats, default="uint8")
     d.add_argument("--seed", type=int, help="seed for --format binary")
     d.add_argument("--out", type=Path, help="write a PNG grid here (else an ASCII preview)")
@@ -174,8 +215,35 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _attach_values(argv: Sequence[str]) -> list[str]:
+    """`--z -0.5,1` as `--z=-0.5,1`: argparse takes a value starting with '-' for a flag unless
+    it reads as one negative number."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in VALUE_FLAGS and arg.startswith("-") and len(arg) > 1:
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    """Exit status: 0 done; 1 the server refused or failed the call, or a file could not be
+    used; 2 bad arguments; 141 stdout closed early (`| head`), quietly, as a shell reports a
+    command killed by SIGPIPE; 130 interrupted."""
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except BrokenPipeError:
+        # Whatever is left in the buffer cannot be written either: point stdout at /dev/null so
+        # the interpreter's final flush does not complain (the recipe of Python's signal docs).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except KeyboardInterrupt:
+        return 130
+
+
+def _main(argv: Sequence[str]) -> int:
+    args = parser().parse_args(_attach_values(argv))
     credentials = None
     if args.tls_ca or args.tls_cert or args.tls_key:
         try:
@@ -189,6 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except grpc.RpcError as e:
             print(f"vae-client: {e.code().name}: {e.details()}", file=sys.stderr)  # type: ignore[attr-defined]
             return 1
+    sys.stdout.flush()  # a closed pipe shows here, inside main, not at interpreter exit
     return 0
 
 

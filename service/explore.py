@@ -44,6 +44,8 @@ def report(what: str, out: Path, size: tuple[int, int]) -> None:
 
 def cmd_interpolate(vae: VaeClient, args: argparse.Namespace) -> None:
     path: PathName = "spherical" if args.slerp else "linear"
+    if args.out is None:  # each path its own default file, so one run does not overwrite the other
+        args.out = Path("interpolation-slerp.png" if args.slerp else "interpolation-linear.png")
     result = vae.interpolate(
         endpoint_file(args.start),
         endpoint_file(args.end),
@@ -305,8 +307,13 @@ def percentile(text: str) -> float:
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    def picture_options(p: argparse.ArgumentParser, default: str) -> None:
-        p.add_argument("--out", type=Path, default=Path(default), help=f"PNG (default {default})")
+    def picture_options(p: argparse.ArgumentParser, default: str | None, shown: str = "") -> None:
+        p.add_argument(
+            "--out",
+            type=Path,
+            default=Path(default) if default is not None else None,
+            help=f"PNG (default: {shown or default})",
+        )
         p.add_argument(
             "--scale", type=positive, default=2, help="pixels per image pixel (default 2)"
         )
@@ -317,7 +324,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     i.add_argument("--steps", type=positive, default=10, help="points, both ends included")
     i.add_argument("--slerp", action="store_true", help="spherical path instead of a straight one")
     i.add_argument("--gif", action="store_true", help="also write an animated GIF beside --out")
-    picture_options(i, "interpolation.png")
+    picture_options(i, None, "interpolation-linear.png, or interpolation-slerp.png with --slerp")
     i.set_defaults(run=cmd_interpolate)
 
     a = sub.add_parser(

@@ -19,6 +19,9 @@ comes from the request's seed, one independent stream per purpose; a request wit
 gets one from the server, returned in the reply. The same request with the same seed gives the same
 result bit for bit on the same model version, and a row's draws never depend on the other
 rows or requests: the first k images of Sample(count=n, seed=s) are Sample(count=k, seed=s).
+A seed the server picks is below 2^53, so clients that hold 64-bit integers as IEEE doubles
+(JavaScript's Number, many JSON parsers) read it exactly and can send it back; a caller may
+send any uint64.
 
 Errors: bad input is answered INVALID_ARGUMENT with a message naming the field and what was
 expected; a server that is starting or draining answers UNAVAILABLE; a full queue answers
@@ -155,7 +158,14 @@ Global___Tensor: _TypeAlias = Tensor  # noqa: Y015
 class ImageInput(_message.Message):
     """Images sent to the server, either
     - a tensor of shape [N, 784] or [N, 28, 28]: float32 intensities in [0, 1], or uint8 0-255;
-    - or one PNG file per image: 28x28, greyscale (colour is converted to luminance).
+    - or one PNG file per image: 28x28, at most 262144 bytes and 256 chunks. Intensity 1 is ink
+      (white), as in MNIST. 8-bit greyscale is v / 255, 16-bit greyscale v / 65535 (all 16 bits
+      kept); colour becomes luminance 0.299 R + 0.587 G + 0.114 B (16-bit colour is read at 8
+      bits a channel). Transparency (an alpha channel, a tRNS colour or palette entry) is
+      composited onto black, MNIST's background: intensity = luminance x alpha, so a transparent
+      pixel is background whatever its colour, light strokes on a transparent canvas are ink,
+      and black strokes on one are not (invert such a drawing first). Metadata chunks (text,
+      ICC profiles, EXIF) are ignored unread.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -311,7 +321,9 @@ class DecodeRequest(_message.Message):
     """Seed for IMAGE_FORMAT_BINARY draws; unset: the server picks one and returns it."""
     @_builtins.property
     def latents(self) -> Global___Tensor:
-        """float32 [N, latent_size], finite."""
+        """float32 [N, latent_size], each value finite and within [-10000, 10000] (the prior is
+        N(0, I); far beyond, float32 arithmetic in the network overflows).
+        """
 
     def __init__(
         self,
@@ -368,7 +380,7 @@ class SampleRequest(_message.Message):
     """Seed for z (and for IMAGE_FORMAT_BINARY draws); unset: the server picks one and returns it."""
     temperature: _builtins.float
     """Scales the prior's standard deviation: z ~ N(0, temperature^2 I); unset means 1. Must be
-    finite and > 0.
+    > 0 and at most 1000 (so every draw stays far inside the latent range Decode accepts).
     """
     format: Global___ImageFormat.ValueType
     return_latents: _builtins.bool
@@ -521,7 +533,7 @@ class Endpoint(_message.Message):
 
     @_builtins.property
     def latent(self) -> Global___Tensor:
-        """float32 [latent_size] or [1, latent_size], finite."""
+        """float32 [latent_size] or [1, latent_size], each value within [-10000, 10000]."""
 
     def __init__(
         self,

@@ -19,6 +19,9 @@ comes from the request's seed, one independent stream per purpose; a request wit
 gets one from the server, returned in the reply. The same request with the same seed gives the same
 result bit for bit on the same model version, and a row's draws never depend on the other
 rows or requests: the first k images of Sample(count=n, seed=s) are Sample(count=k, seed=s).
+A seed the server picks is below 2^53, so clients that hold 64-bit integers as IEEE doubles
+(JavaScript's Number, many JSON parsers) read it exactly and can send it back; a caller may
+send any uint64.
 
 Errors: bad input is answered INVALID_ARGUMENT with a message naming the field and what was
 expected; a server that is starting or draining answers UNAVAILABLE; a full queue answers

@@ -6,13 +6,25 @@ arriving before the model is warmed up are answered UNAVAILABLE, so the client's
 them to another replica (once shutdown begins, gRPC itself refuses new calls).
 
 Admission: at most `max_in_flight` inference calls (every VaeService RPC but the cheap ones in
-`NOT_INFERENCE`) are handled at once; one more is answered RESOURCE_EXHAUSTED at once, naming the
-limit (the batcher's bounded queue is the second limit). Each admitted call leases the live model
-version once (`ModelHolder.acquire`), so it finishes on that version across a reload.
+`NOT_INFERENCE`) are handled at once, counted from the moment the call arrives until its reply
+has left (not when the handler returns: a reply a slow peer has not taken still holds memory);
+and while replies of `max_pending_reply_bytes` or more wait for their peers, new inference calls
+are refused too. A refused call is answered RESOURCE_EXHAUSTED at once, naming the limit (the
+batcher's bounded queue is a further limit). Each admitted call leases the live model version
+once (`ModelHolder.acquire`), so it finishes on that version across a reload.
 
-Requests are parsed here, inside the call, not by gRPC: bytes that are not the method's message
-are answered INVALID_ARGUMENT (gRPC itself would answer UNKNOWN), and a refused call is never
-parsed at all, which keeps refusals cheap under overload.
+Requests are read and parsed here, inside the call, not by gRPC: every VaeService method is
+served as stream-unary (the same frames on the wire), so the handler runs as soon as the call's
+headers arrive. A call is refused before its request is read, so gRPC never opens its flow-control
+window and a refused 16 MB upload costs nothing; a request not received within
+`request_timeout` (a peer that declares a large message and stalls) ends the call; bytes that
+are not the method's message are INVALID_ARGUMENT (gRPC itself would answer UNKNOWN). Replies
+are serialized here too, so their size is known and the message itself is freed at once; a
+reply not taken within `reply_timeout` closes the peer's connection (`service.peers`).
+
+A call is counted in `vae_requests_total` when it ends: an error status as it is sent, an OK reply
+once it has left, and one whose caller went away before taking it as CANCELLED (gRPC core logs that case as an ERROR with
+a traceback; `_DeliveryFilter` turns it into one INFO line).
 """
 
 from __future__ import annotations
@@ -20,13 +32,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from service.errors import InvalidArgument, ResourceExhausted, ServiceError, Unavailable
+from service import peers
+from service.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+)
 from service.metrics import Metrics
 from service.model_holder import ModelHolder
 from service.proto.vae.v1 import vae_pb2
@@ -40,14 +60,48 @@ NOT_INFERENCE = frozenset({"GetModelInfo"})
 
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 Parser = Callable[[bytes], Any]
+Serializer = Callable[[Any], bytes]
 REQUEST_TYPES = {
     m.name: m.input_type.full_name
     for m in vae_pb2.DESCRIPTOR.services_by_name["VaeService"].methods
 }
+GRPC_LOGGER = "grpc._cython.cygrpc"
+UNDELIVERED_LOG = "ExecuteBatchError raised in core by servicer method"
+
+
+class _DeliveryFilter(logging.Filter):
+    """gRPC core logs a reply it could not send because the caller had gone (the last batch of
+    the call failed) as an ERROR with a traceback, from inside the call's own task. This filter
+    notes that task (the interceptor then counts the call CANCELLED) and leaves one INFO line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.undelivered: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(UNDELIVERED_LOG):
+            return True
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:
+            task = None
+        if task is not None:
+            self.undelivered.add(task)
+        method = record.getMessage().rpartition("[")[2].rstrip("]")
+        record.msg, record.args = "%s: the caller went away before its reply was sent", (method,)
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+DELIVERY = _DeliveryFilter()
+logging.getLogger(GRPC_LOGGER).addFilter(DELIVERY)
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps the unary-unary handlers of vae.v1.VaeService; other services pass through."""
+    """Wraps the handlers of vae.v1.VaeService; other services pass through. Every call the
+    server picks up, of any service, is tracked in `calls` until its status is sent, for the
+    shutdown (`service.server`)."""
 
     def __init__(
         self,
@@ -56,12 +110,23 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         *,
         models: ModelHolder | None = None,
         max_in_flight: int | None = None,
+        max_pending_reply_bytes: int | None = None,
+        request_timeout: float | None = None,
+        reply_timeout: float | None = None,
     ) -> None:
         self.metrics = metrics
         self.ready = ready
         self.models = models
         self.max_in_flight = max_in_flight
-        self.inference_in_flight = 0
+        self.max_pending_reply_bytes = max_pending_reply_bytes
+        self.request_timeout = request_timeout or None
+        self.reply_timeout = reply_timeout or None
+        self.inference_in_flight = 0  # admitted inference calls whose reply has not left
+        self.service_calls = 0  # VaeService calls of any method whose reply has not left
+        self.pending_reply_bytes = 0  # replies serialized and not yet taken by their peers
+        self.calls: set[asyncio.Task[Any]] = set()  # every call picked up, until it ends
+        self.last_pickup = 0.0  # time.monotonic() of the latest call picked up
+        self.picked_up = 0
         # One wrapped handler per method, built on its first call (gRPC asks on every call).
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
@@ -70,6 +135,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        task = asyncio.current_task()  # the call's own task, until its status is sent
+        if task is not None:
+            self.calls.add(task)
+            task.add_done_callback(self.calls.discard)
+        self.last_pickup = time.monotonic()
+        self.picked_up += 1
         method_path: str = handler_call_details.method  # type: ignore[attr-defined]
         cached = self._handlers.get(method_path)
         if cached is not None:
@@ -84,10 +155,11 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         behavior = cast(Handler, handler.unary_unary)  # an async def in a grpc.aio server
         method = method_path.removeprefix(SERVICE_PREFIX)
         parse = _parser(cast(Parser, handler.request_deserializer), REQUEST_TYPES[method])
-        wrapped = grpc.unary_unary_rpc_method_handler(
-            self._wrap(behavior, parse, method),
-            request_deserializer=None,  # the raw bytes: parsed in the call, see _parser
-            response_serializer=handler.response_serializer,
+        serialize = cast(Serializer, handler.response_serializer)
+        wrapped = grpc.stream_unary_rpc_method_handler(
+            self._wrap(behavior, parse, serialize, method),
+            request_deserializer=None,  # the raw bytes, read and parsed in the call
+            response_serializer=None,  # the call returns its reply serialized
         )
         self._handlers[method_path] = wrapped
         return wrapped
@@ -100,73 +172,144 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 f"server busy: max_in_flight ({limit} inference calls at once) reached; "
                 "retry with backoff"
             )
+        budget = self.max_pending_reply_bytes
+        if budget is not None and self.pending_reply_bytes >= budget:
+            self.metrics.admission_rejected.inc()
+            raise ResourceExhausted(
+                f"server busy: {self.pending_reply_bytes} bytes of replies not yet taken by "
+                f"their callers (max_pending_reply_bytes {budget}); retry with backoff"
+            )
 
-    def _wrap(self, behavior: Handler, parse: Parser, method: str) -> Handler:
+    async def _read(self, context: grpc.aio.ServicerContext) -> bytes:
+        """The call's one request message, as bytes."""
+        timeout = self.request_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                raw = await context.read()
+        except TimeoutError:
+            self.metrics.stalled_calls.labels("request").inc()
+            log.info("a request not received within request_timeout (%s s) was dropped", timeout)
+            raise DeadlineExceeded(
+                f"request not received within request_timeout ({timeout} s)"
+            ) from None
+        if raw is grpc.aio.EOF:  # type: ignore[attr-defined]
+            raise InvalidArgument("request", "expected one request message, got none")
+        return cast(bytes, raw)
+
+    def _wrap(self, behavior: Handler, parse: Parser, serialize: Serializer, method: str) -> Any:
         """The call as the service answers it: readiness, admission (an inference call counts
-        against max_in_flight and leases the live model version), parsing, the status, the
-        metrics. Plain try/finally rather than context managers: this runs on every call."""
+        against max_in_flight and leases the live model version), reading and parsing the
+        request, the status, the metrics once the call has ended. Plain try/finally rather than
+        context managers: this runs on every call."""
         metrics, models = self.metrics, self.models
         inference = method not in NOT_INFERENCE
         in_flight, seconds = metrics.in_flight, metrics.request_seconds.labels(method)
+        pending_gauge = metrics.pending_reply_bytes
         answered: dict[grpc.StatusCode, Any] = {}  # the requests counter's child per code
 
-        def done(code: grpc.StatusCode, start: float) -> None:
-            # Recorded before the status is sent, so a caller that scrapes right after its
-            # call returns sees it counted.
-            in_flight.dec()
+        def count(code: grpc.StatusCode, start: float) -> None:
             counter = answered.get(code)
             if counter is None:
                 counter = answered[code] = metrics.requests.labels(method, code.name)
             counter.inc()
             seconds.observe(time.perf_counter() - start)
 
-        async def admitted(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-            if not inference:
-                return await behavior(parse(raw), context)
-            self._refuse_if_full()
-            lease = models.acquire() if models is not None else None
-            self.inference_in_flight += 1
-            try:
-                return await behavior(parse(raw), context)
-            finally:
-                if models is not None and lease is not None:
-                    models.release(lease)
-                self.inference_in_flight -= 1
-
-        async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        async def handle(_requests: Any, context: grpc.aio.ServicerContext) -> bytes | None:
             start = time.perf_counter()
+            task = asyncio.current_task()
+            assert task is not None
+            # What the call's end (its task's done callback) must account for.
+            admitted = counted = False
+            reply_size = 0
+            code = grpc.StatusCode.OK
+            timer: asyncio.TimerHandle | None = None
+
+            def ended(_task: object) -> None:
+                # The status (and the reply) has left, or the call died: only now is its
+                # memory free.
+                nonlocal code
+                in_flight.dec()
+                self.service_calls -= 1
+                if admitted:
+                    self.inference_in_flight -= 1
+                if reply_size:
+                    self.pending_reply_bytes -= reply_size
+                    pending_gauge.dec(reply_size)
+                if timer is not None:
+                    timer.cancel()
+                if counted:
+                    return
+                if code == grpc.StatusCode.OK and task in DELIVERY.undelivered:
+                    code = grpc.StatusCode.CANCELLED
+                count(code, start)
+
+            def stalled() -> None:
+                # The reply has not left within reply_timeout: the peer keeps its window shut.
+                nonlocal code
+                if task.done():
+                    return
+                code = grpc.StatusCode.CANCELLED
+                metrics.stalled_calls.labels("reply").inc()
+                peer = context.peer()
+                closed = peers.cut(peer)
+                log.warning(
+                    "%s: a reply of %d bytes was not taken within reply_timeout (%s s); %s %s",
+                    method,
+                    reply_size,
+                    self.reply_timeout,
+                    "closed the connection to" if closed else "could not find the connection to",
+                    peer,
+                )
+
             in_flight.inc()
+            self.service_calls += 1
+            task.add_done_callback(ended)
             try:
                 if not self.ready.is_set():
                     raise Unavailable("the model is still warming up; retry shortly")
-                response = await admitted(raw, context)
+                if not inference:
+                    response = await behavior(parse(await self._read(context)), context)
+                else:
+                    self._refuse_if_full()  # before the request is read: refusals cost nothing
+                    admitted = True
+                    self.inference_in_flight += 1
+                    lease = models.acquire() if models is not None else None
+                    try:
+                        response = await behavior(parse(await self._read(context)), context)
+                    finally:
+                        if models is not None and lease is not None:
+                            models.release(lease)
+                raw = serialize(response)
+                del response  # only the bytes stay alive while they are sent
             except ServiceError as e:
                 code, message = e.code, str(e)
             except asyncio.CancelledError:
                 # The caller went away or its deadline passed: nothing is sent back.
                 remaining = context.time_remaining()
                 expired = remaining is not None and remaining <= 0
-                done(
-                    grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED,
-                    start,
-                )
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
                 raise
             except grpc.aio.AbortError:  # a handler that aborted by itself
-                done(context.code() or grpc.StatusCode.UNKNOWN, start)  # type: ignore[attr-defined]
+                code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[attr-defined]
                 raise
             except Exception:
                 log.exception("%s failed", method)
                 code, message = grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
             else:
-                done(grpc.StatusCode.OK, start)
-                return response
-            done(code, start)
+                reply_size = len(raw)
+                self.pending_reply_bytes += reply_size
+                pending_gauge.inc(reply_size)
+                if self.reply_timeout is not None:
+                    timer = asyncio.get_running_loop().call_later(self.reply_timeout, stalled)
+                return raw
             # The status without raising (context.abort raises AbortError, whose traceback keeps
             # this frame, and so the request's bytes, alive until the cyclic GC runs: a caller
             # sending large bad requests would pin hundreds of MB). gRPC drops the reply of a
             # call whose code is not OK.
             context.set_code(code)
             context.set_details(message)
+            count(code, start)  # now: a caller that reads metrics after its error sees it
+            counted = True
             return None
 
         return handle

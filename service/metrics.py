@@ -1,5 +1,5 @@
 """Prometheus metrics, on their own registry (passed around, never the global one) and served on
-their own HTTP port.
+their own HTTP port (`service.metrics_http`).
 
 Names follow the Prometheus conventions with a `vae_` prefix: counters end in `_total`, times
 are in seconds, and rate() of the image counters is throughput.
@@ -8,9 +8,8 @@ are in seconds, and rate() of the image counters is throughput.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 # From 100 microseconds (a small call on loopback) to 10 s (the largest request on a busy host).
 LATENCY_BUCKETS = (
@@ -88,9 +87,25 @@ class Metrics:
             self.model_reloads.labels(result)
         self.admission_rejected = Counter(
             "vae_admission_rejected",
-            "Calls refused RESOURCE_EXHAUSTED by the in-flight limit (max_in_flight).",
+            "Calls refused RESOURCE_EXHAUSTED by admission: the in-flight limit (max_in_flight) "
+            "or the budget of replies not yet taken (max_pending_reply_bytes).",
             registry=r,
         )
+        self.pending_reply_bytes = Gauge(
+            "vae_pending_reply_bytes",
+            "Bytes of serialized replies not yet taken by their callers "
+            "(bounded by max_pending_reply_bytes).",
+            registry=r,
+        )
+        self.stalled_calls = Counter(
+            "vae_stalled_calls",
+            "Calls ended because the peer stalled, by stage: request (not received within "
+            "request_timeout) or reply (not taken within reply_timeout: connection closed).",
+            ["stage"],
+            registry=r,
+        )
+        for stage in ("request", "reply"):
+            self.stalled_calls.labels(stage)
         self.batch_rows = Histogram(
             "vae_batch_rows",
             "Rows (images or latents) per ONNX Runtime run, by queue.",
@@ -134,12 +149,6 @@ class Metrics:
 
     def set_model(self, name: str, version: int, providers: Sequence[str]) -> None:
         self.model.info({"name": name, "version": str(version), "provider": ",".join(providers)})
-
-    def serve_http(self, host: str, port: int) -> tuple[WSGIServer, int]:
-        """Start /metrics in a daemon thread; returns the server and its bound port (port 0
-        picks a free one). Stop it with `server.shutdown()`."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return server, server.server_port
 
 
 class BatchMetrics:

@@ -3,28 +3,44 @@ start it, warm up, report SERVING, and stop gracefully on SIGTERM/SIGINT.
 
 `create_server` only builds and binds (tests use the port it returns); `Service.start` brings the
 whole graph up; `serve` runs it until a signal arrives.
+
+The stop (`Service.stop`) is built around a gRPC core behaviour (grpc/grpc#41785): when
+`server.stop()` begins, core CANCELS every call that has reached the server but that the
+application has not picked up yet, and under a burst of large calls the asyncio server picks
+calls up slowly. So the stop never begins while calls are still arriving unpicked:
+
+1. Drain (lame duck): health says NOT_SERVING, and calls are still accepted and served, until
+   no call has been picked up for `DRAIN_QUIET` seconds (every call that reached the server has
+   been taken up; health-aware clients have moved away), or `drain_seconds` have passed.
+2. Stop: health Watch streams end; gRPC refuses new calls (GOAWAY: clients retry elsewhere
+   transparently) while in-flight calls finish within `grace_period`. Once no VaeService call
+   is left (its reply sent), the rest (idle connections, open reflection streams) is cut at
+   once instead of holding the grace period.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import signal
 import ssl
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
-from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
+from service import reflection, tls
+from service.health import HealthServicer
 from service.interceptors import ServiceInterceptor
 from service.metrics import Metrics
+from service.metrics_http import MetricsServer
 from service.model import ServedModel
 from service.model_holder import CallModel, ModelHolder
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
@@ -36,6 +52,11 @@ log = logging.getLogger(__name__)
 SERVICE_NAME: str = vae_pb2.DESCRIPTOR.services_by_name["VaeService"].full_name
 HEALTH_SERVICE_NAME: str = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 HEALTH_CHECKED = ("", SERVICE_NAME)  # "" is the whole server
+# The drain ends once no call has been picked up for this long (and the event loop turned at
+# least DRAIN_QUIET_TURNS times meanwhile, so a loop that was merely blocked does not count).
+DRAIN_QUIET = 0.25
+DRAIN_QUIET_TURNS = 5
+POLL = 0.02  # seconds between looks at the calls during a stop
 
 
 class StartupError(Exception):
@@ -67,9 +88,7 @@ def create_server(
     server = grpc.aio.server(interceptors=[interceptor], options=server_options(settings))
     vae_pb2_grpc.add_VaeServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    reflection.enable((SERVICE_NAME, HEALTH_SERVICE_NAME), server)
     address = f"{settings.host}:{settings.port}"
     credentials = server_credentials(settings)
     try:
@@ -111,6 +130,10 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         raise StartupError(f"cannot read a TLS file: {e}") from e
     assert cert is not None and key is not None
     _check_pem(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    try:
+        tls.check_validity(settings.tls_cert)
+    except tls.CertificateError as e:
+        raise StartupError(f"TLS certificate {e}") from None
     log.info(
         "serving TLS with %s%s",
         settings.tls_cert,
@@ -139,7 +162,33 @@ def _check_pem(cert: Path, key: Path, client_ca: Path | None) -> None:
 
 async def _set_health(health: HealthServicer, status: int) -> None:
     for name in HEALTH_CHECKED:
-        await health.set(name, status)  # type: ignore[arg-type]
+        await health.set(name, status)
+
+
+class DaemonThreads(concurrent.futures.Executor):
+    """The event loop's default executor (`asyncio.to_thread`: model loading and hashing on a
+    reload, closing a version): one daemon thread per job, and `shutdown` never waits. The
+    stock executor's threads are joined at exit, so a reload hashing a huge file kept the
+    process alive long after "stopped" (90 s and more, past any Kubernetes grace)."""
+
+    def submit(  # type: ignore[override]
+        self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as e:  # handed to the awaiting coroutine
+                future.set_exception(e)
+
+        threading.Thread(target=run, daemon=True, name="vae-to-thread").start()
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        pass  # a thread still running is abandoned at exit
 
 
 @dataclass
@@ -153,7 +202,7 @@ class Service:
     health: HealthServicer
     server: grpc.aio.Server
     port: int
-    metrics_server: WSGIServer | None
+    metrics_server: MetricsServer | None
     metrics_port: int | None
     interceptor: ServiceInterceptor
     health_server: grpc.aio.Server | None = None
@@ -187,7 +236,13 @@ class Service:
             max_items=settings.max_items_per_request,
         )
         interceptor = ServiceInterceptor(
-            metrics, ready, models=models, max_in_flight=settings.max_in_flight
+            metrics,
+            ready,
+            models=models,
+            max_in_flight=settings.max_in_flight,
+            max_pending_reply_bytes=settings.max_pending_reply_bytes,
+            request_timeout=settings.request_timeout,
+            reply_timeout=settings.reply_timeout,
         )
         health_server, health_port = None, None
         try:
@@ -199,8 +254,9 @@ class Service:
             raise
         metrics_server, metrics_port = None, None
         if settings.metrics_port >= 0:
+            metrics_server = MetricsServer(metrics.registry)
             try:
-                metrics_server, metrics_port = metrics.serve_http(
+                metrics_port = await metrics_server.start(
                     settings.metrics_host, settings.metrics_port
                 )
             except OSError as e:
@@ -243,41 +299,82 @@ class Service:
             watcher,
         )
 
-    async def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING at once; gRPC refuses new calls (GOAWAY, so clients retry elsewhere)
-        while the calls it had received finish within `grace` (settings.grace_period by
-        default); then release the threads and the metrics port."""
+    async def stop(self, grace: float | None = None, drain: float | None = None) -> None:
+        """Drain, then stop (see the module docstring): NOT_SERVING at once; calls still served
+        until they stop arriving (at most `drain` seconds, settings.drain_seconds by default);
+        then gRPC refuses new calls (GOAWAY) while those in flight finish within `grace`
+        (settings.grace_period by default); then release the threads and the metrics port."""
         if self.stopped:
             return
         self.stopped = True
         grace = self.settings.grace_period if grace is None else grace
+        drain = self.settings.drain_seconds if drain is None else drain
         await self.health.enter_graceful_shutdown()
         if self.watcher is not None:
-            self.watcher.cancel()
-        stopping = asyncio.ensure_future(self.server.stop(grace))
-        await asyncio.sleep(0)  # stop() has begun: from here gRPC refuses new calls itself
+            self.watcher.cancel()  # a reload under way is abandoned (DaemonThreads)
+        began = time.monotonic()
         log.info(
-            "shutting down: NOT_SERVING, refusing new calls; %d inference calls in flight get up "
-            "to %.1f s",
-            self.interceptor.inference_in_flight,
-            grace,
+            "draining: NOT_SERVING; still serving calls until they stop arriving (at most %.1f s)",
+            drain,
         )
+        await self._drain(drain)
+        self.health.end_watches()
+        cut = await self._stop_server(grace, time.monotonic() - began)
+        if cut:
+            log.warning("%d calls were cut off at the end of the grace period", cut)
         if self.watcher is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.watcher
-        await stopping
-        if self.interceptor.inference_in_flight:  # gRPC cancelled them at the grace period
-            log.warning(
-                "%d inference calls were cut off at the end of the grace period",
-                self.interceptor.inference_in_flight,
-            )
         if self.health_server is not None:
             await self.health_server.stop(None)
         await self.models.close()  # the server sends no more work: finish the queues, then stop
         if self.metrics_server is not None:
-            await asyncio.to_thread(self.metrics_server.shutdown)
-            self.metrics_server.server_close()
+            await self.metrics_server.close()
         log.info("stopped")
+
+    async def _drain(self, most: float) -> None:
+        """Serve on until no call has been picked up for DRAIN_QUIET seconds (over at least
+        DRAIN_QUIET_TURNS turns of the event loop), or for `most` seconds."""
+        interceptor = self.interceptor
+        deadline = time.monotonic() + most
+        seen, turns = interceptor.picked_up, 0
+        while time.monotonic() < deadline:
+            if interceptor.picked_up != seen:
+                seen, turns = interceptor.picked_up, 0
+            elif turns >= DRAIN_QUIET_TURNS and (
+                time.monotonic() - interceptor.last_pickup >= DRAIN_QUIET
+            ):
+                return
+            turns += 1
+            await asyncio.sleep(min(POLL, max(0.0, deadline - time.monotonic())))
+
+    async def _stop_server(self, grace: float, drained: float) -> int:
+        """server.stop: gRPC refuses new calls; in-flight ones get `grace` seconds. Once no
+        VaeService call is left for two looks in a row, what remains (idle connections, open
+        streams) is cut at once; at the end of the grace period, everything is. Returns how
+        many VaeService calls the grace period cut off."""
+        interceptor = self.interceptor
+        deadline = time.monotonic() + grace
+        # gRPC's own grace ends later: the cut at `deadline` below is ours, counted first.
+        stopping = asyncio.ensure_future(self.server.stop(grace + 1.0))
+        await asyncio.sleep(0)  # stop() has begun: from here gRPC refuses new calls itself
+        log.info(
+            "shutting down: NOT_SERVING, refusing new calls (after %.2f s of drain); %d calls "
+            "in flight get up to %.1f s",
+            drained,
+            interceptor.service_calls,
+            grace,
+        )
+        idle_looks = 0
+        while not stopping.done():
+            await asyncio.wait({stopping}, timeout=max(0.0, min(POLL, deadline - time.monotonic())))
+            left = interceptor.service_calls
+            idle_looks = idle_looks + 1 if left == 0 else 0
+            if idle_looks >= 2 or time.monotonic() >= deadline:
+                await self.server.stop(None)  # cancels what is left, closes every connection
+                await stopping
+                return left
+        return 0
 
 
 async def serve(settings: Settings) -> None:
@@ -285,6 +382,7 @@ async def serve(settings: Settings) -> None:
     stopping = asyncio.Event()
     reload_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
+    loop.set_default_executor(DaemonThreads())
     for sig in (signal.SIGTERM, signal.SIGINT):  # a signal during start-up stops right after it
         loop.add_signal_handler(sig, stopping.set)
     loop.add_signal_handler(signal.SIGHUP, reload_requested.set)  # acted on once started

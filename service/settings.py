@@ -103,8 +103,13 @@ class Settings(BaseSettings):
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     """The asyncio event loop implementation (uvloop: faster gRPC calls)."""
 
+    drain_seconds: float = Field(default=5.0, ge=0)
+    """Most seconds of the lame-duck period after SIGTERM/SIGINT: health says NOT_SERVING while
+    calls are still accepted and served; it ends as soon as no call has arrived for 0.25 s. Only
+    then does the server refuse new calls (GOAWAY), so that gRPC core never cancels a call that
+    had reached it (grpc/grpc#41785). 0: refuse new calls at once."""
     grace_period: float = Field(default=10.0, ge=0)
-    """Seconds in-flight calls get to finish after SIGTERM/SIGINT."""
+    """Seconds in-flight calls get to finish once the drain is over."""
     max_connection_age: float = 300.0
     """Seconds before the server asks a client to reconnect (rebalances after scale-out);
     0 turns it off."""
@@ -112,6 +117,16 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(default=64, ge=1)
     """Most inference calls (every VaeService RPC but GetModelInfo) handled at once; beyond it a
     call gets RESOURCE_EXHAUSTED at once. Bounds the memory the requests and replies hold."""
+    max_pending_reply_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    """Budget of serialized replies not yet taken by their callers (a slow or stalled reader
+    holds its reply, about twice its size in memory); while it is spent, new inference calls
+    get RESOURCE_EXHAUSTED at once. 0: no budget."""
+    request_timeout: float = Field(default=30.0, ge=0)
+    """Seconds a call's request may take to arrive once its headers have; a peer that declares
+    a large message and stalls is answered DEADLINE_EXCEEDED then and its bytes freed. 0: none."""
+    reply_timeout: float = Field(default=30.0, ge=0)
+    """Seconds a reply may wait for its caller to take it; past that the caller's connection is
+    closed (a peer that never opens its HTTP/2 window would hold the reply for good). 0: none."""
     reload_interval: float = Field(default=0.0, ge=0)
     """Seconds between polls of the model repository for a new version to swap in without a
     restart; 0: no polling (SIGHUP still reloads)."""

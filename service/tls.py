@@ -1,0 +1,86 @@
+"""The validity period of the server's certificates, read with the standard library.
+
+gRPC loads an expired (or not yet valid) certificate without complaint, and then every TLS client
+fails its handshake while the plaintext health port says SERVING. The server refuses such a
+certificate at start instead. `ssl` turns PEM into DER (`PEM_cert_to_DER_cert`) but exposes no
+public parser for a certificate file, so the two dates are read from the DER here: a few lines
+of ASN.1 (RFC 5280, 4.1: Certificate -> tbsCertificate -> validity), no extra dependency.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+import ssl
+from pathlib import Path
+
+PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+UTC_TIME, GENERALIZED_TIME = 0x17, 0x18
+
+
+class CertificateError(ValueError):
+    """A certificate file that cannot be read, or is outside its validity period."""
+
+
+def _element(der: bytes, pos: int) -> tuple[int, int, int]:
+    """(tag, start of contents, end of contents) of the DER element at `pos`."""
+    tag, length = der[pos], der[pos + 1]
+    pos += 2
+    if length & 0x80:
+        n = length & 0x7F
+        length = int.from_bytes(der[pos : pos + n], "big")
+        pos += n
+    if pos + length > len(der):
+        raise CertificateError("truncated DER")
+    return tag, pos, pos + length
+
+
+def _time(tag: int, raw: bytes) -> datetime.datetime:
+    text = raw.decode("ascii")
+    if tag == UTC_TIME:  # YYMMDDHHMMSSZ; years 50-99 are 19xx (RFC 5280, 4.1.2.5.1)
+        year = int(text[:2])
+        text = f"{19 if year >= 50 else 20}{text}"
+    elif tag != GENERALIZED_TIME:
+        raise CertificateError(f"unexpected time tag 0x{tag:02x}")
+    moment = datetime.datetime.strptime(text, "%Y%m%d%H%M%SZ")
+    return moment.replace(tzinfo=datetime.UTC)
+
+
+def validity(der: bytes) -> tuple[datetime.datetime, datetime.datetime]:
+    """(notBefore, notAfter) of one DER certificate."""
+    try:
+        _, cert, _ = _element(der, 0)  # Certificate
+        _, tbs, _ = _element(der, cert)  # tbsCertificate
+        pos = tbs
+        tag, _, end = _element(der, pos)
+        if tag == 0xA0:  # [0] version, optional
+            pos = end
+        for _ in range(3):  # serialNumber, signature, issuer
+            pos = _element(der, pos)[2]
+        _, pos, _ = _element(der, pos)  # validity
+        before_tag, start, end = _element(der, pos)
+        not_before = _time(before_tag, der[start:end])
+        after_tag, start, end = _element(der, end)
+        return not_before, _time(after_tag, der[start:end])
+    except (IndexError, ValueError) as e:
+        raise CertificateError(f"not an X.509 certificate ({e})") from None
+
+
+def check_validity(path: Path, now: datetime.datetime | None = None) -> None:
+    """Raise CertificateError if any certificate in the PEM file `path` is expired or not yet
+    valid, naming which and when."""
+    now = now if now is not None else datetime.datetime.now(datetime.UTC)
+    blocks = PEM_CERT.findall(path.read_bytes())
+    if not blocks:
+        raise CertificateError(f"{path}: no PEM certificate in it")
+    for i, block in enumerate(blocks):
+        which = f"{path}" + (f" (certificate {i + 1} of the chain)" if len(blocks) > 1 else "")
+        try:
+            der = ssl.PEM_cert_to_DER_cert(block.decode("ascii"))
+        except ValueError as e:
+            raise CertificateError(f"{which}: not a PEM certificate ({e})") from None
+        not_before, not_after = validity(der)
+        if now > not_after:
+            raise CertificateError(f"{which}: expired on {not_after:%Y-%m-%d %H:%M:%S} UTC")
+        if now < not_before:
+            raise CertificateError(f"{which}: not valid before {not_before:%Y-%m-%d %H:%M:%S} UTC")

@@ -196,11 +196,6 @@ def _read_manifest(directory: Path, root: Path) -> Manifest:
         raise ModelError(f"{path}: not a valid manifest: {_one_line(e)}") from e
 
 
-def read_manifest(directory: Path) -> Manifest:
-    """The manifest of a `<repo>/<name>/<version>` folder (read as `load_verified` reads it)."""
-    return _read_manifest(directory, _repository_root(directory))
-
-
 def _repository_root(directory: Path) -> Path:
     try:
         return directory.parent.parent.resolve(strict=True)
@@ -319,14 +314,6 @@ def open_version(directory: Path) -> VerifiedVersion:
         for role, net in manifest.networks().items()
     }
     return VerifiedVersion(directory, manifest, networks, malformed)
-
-
-def verify_files(directory: Path, manifest: Manifest) -> None:
-    """Raise ModelError unless every ONNX file passes `open_version`'s checks."""
-    root = _repository_root(directory)
-    _check_signatures(directory, manifest)
-    for role, net in manifest.networks().items():
-        _read_network(directory, root, role, net)
 
 
 def load_verified(directory: Path) -> Manifest:

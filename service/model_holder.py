@@ -11,7 +11,9 @@ version beside the old one, off the event loop, then swaps it in with one assign
 version stops waiting for fuller batches (no new call will fill them: `retire`) and is closed
 once its last leased call ends. A version that fails verification, loading or
 warm-up is logged, counted (`vae_model_reloads_total{result="failure"}`) and closed; the old one
-keeps serving, and the poller does not retry that version until its files change.
+keeps serving, and the poller does not retry that version until its files change. A repository
+with nothing to load (every version removed) is reported once, not at every poll, until that
+changes.
 """
 
 from __future__ import annotations

@@ -42,11 +42,14 @@ def parse_settings(argv: Sequence[str]) -> Settings:
 
 
 def settings_errors(error: ValidationError) -> str:
-    """pydantic's errors on one line: `field: what is wrong` each, without its input dump."""
-    return "; ".join(
-        f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg'].removeprefix('Value error, ')}"
-        for e in error.errors()
-    )
+    """pydantic's errors on one line: `field: what is wrong` each (a check across fields names
+    its fields itself), without pydantic's dump of the input."""
+
+    def one(e: Any) -> str:
+        where, what = ".".join(map(str, e["loc"])), e["msg"].removeprefix("Value error, ")
+        return f"{where}: {what}" if where else str(what)
+
+    return "; ".join(one(e) for e in error.errors())
 
 
 def run(main: Coroutine[Any, Any, None], event_loop: str) -> None:

@@ -149,3 +149,26 @@ def test_server_chosen_seeds_fit_in_a_javascript_number(
     assert all(0 <= seed < 2**53 for seed in seeds)
     assert all(float(seed) == seed for seed in seeds)
     assert len(set(seeds)) > 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (
+            ["--tls-cert", "server.pem"],
+            "vae-serve: invalid settings: tls_cert and tls_key go together: set both for TLS, "
+            "or neither",
+        ),
+        (
+            ["--model-version", str(2**63)],
+            "vae-serve: invalid settings: model_version: Input should be less than or equal to "
+            "9223372036854775807",
+        ),
+    ],
+    ids=["tls-cert-without-key", "version-above-int64"],
+)
+def test_vae_serve_invalid_settings_are_one_line_and_exit_2(argv: list[str], expected: str) -> None:
+    script = Path(sys.executable).with_name("vae-serve")
+    done = subprocess.run([str(script), *argv], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert one_line_error(done) == expected

@@ -26,7 +26,8 @@ $(VENV)/.installed: pyproject.toml
 
 proto: install
 	PATH=$(BIN):$$PATH $(PY) -m grpc_tools.protoc -Iservice/proto=proto \
-		--python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. proto/vae/v1/vae.proto
+		--python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. proto/vae/v1/vae.proto \
+		proto/inference/v2/grpc_predict_v2.proto
 
 # Train and export the default model, unless the repository already holds a version of it.
 model: install

@@ -49,21 +49,36 @@ from service.errors import (
 )
 from service.metrics import Metrics
 from service.model_holder import ModelHolder
+from service.proto.inference.v2 import grpc_predict_v2_pb2 as v2_pb2
 from service.proto.vae.v1 import vae_pb2
 
 log = logging.getLogger(__name__)
 
-SERVICE_PREFIX = "/vae.v1.VaeService/"
 INTERNAL_MESSAGE = "internal error (logged on the server)"
 # Answered even when inference is saturated: no model run, no admission limit.
-NOT_INFERENCE = frozenset({"GetModelInfo"})
+NOT_INFERENCE = frozenset(
+    {
+        "GetModelInfo",
+        *("ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig", "ModelStatistics"),
+    }
+)
+# The Open Inference Protocol's liveness and readiness are left unwrapped, like grpc.health:
+# answered at any time (warming up, saturated, draining) and not counted.
+V2_UNWRAPPED = frozenset({"ServerLive", "ServerReady"})
 
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 Parser = Callable[[bytes], Any]
 Serializer = Callable[[Any], bytes]
-REQUEST_TYPES = {
-    m.name: m.input_type.full_name
-    for m in vae_pb2.DESCRIPTOR.services_by_name["VaeService"].methods
+# The methods wrapped, by path (vae.v1 and the Open Inference Protocol's, whose names differ):
+# the name (the `method` label of the metrics) and the request type.
+WRAPPED = {
+    f"/{service.full_name}/{m.name}": (m.name, m.input_type.full_name)
+    for service in (
+        vae_pb2.DESCRIPTOR.services_by_name["VaeService"],
+        v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+    )
+    for m in service.methods
+    if m.name not in V2_UNWRAPPED
 }
 GRPC_LOGGER = "grpc._cython.cygrpc"
 UNDELIVERED_LOG = "ExecuteBatchError raised in core by servicer method"
@@ -146,15 +161,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         if cached is not None:
             return cached
         handler = await continuation(handler_call_details)
-        if (
-            handler is None
-            or handler.unary_unary is None
-            or not method_path.startswith(SERVICE_PREFIX)
-        ):
+        wraps = WRAPPED.get(method_path)
+        if handler is None or handler.unary_unary is None or wraps is None:
             return handler
         behavior = cast(Handler, handler.unary_unary)  # an async def in a grpc.aio server
-        method = method_path.removeprefix(SERVICE_PREFIX)
-        parse = _parser(cast(Parser, handler.request_deserializer), REQUEST_TYPES[method])
+        method, request_type = wraps
+        parse = _parser(cast(Parser, handler.request_deserializer), request_type)
         serialize = cast(Serializer, handler.response_serializer)
         wrapped = grpc.stream_unary_rpc_method_handler(
             self._wrap(behavior, parse, serialize, method),

@@ -22,9 +22,9 @@ are not the method's message are INVALID_ARGUMENT (gRPC itself would answer UNKN
 are serialized here too, so their size is known and the message itself is freed at once; a
 reply not taken within `reply_timeout` closes the peer's connection (`service.peers`).
 
-A call is counted in `vae_requests_total` when it ends: an error status as it is sent, an OK reply
-once it has left, and one whose caller went away before taking it as CANCELLED (gRPC core logs that case as an ERROR with
-a traceback; `_DeliveryFilter` turns it into one INFO line).
+A call is counted in `vae_requests_total` when it ends: an error status as it is sent, an OK
+reply once it has left, and one whose caller went away before taking it as CANCELLED (gRPC core
+logs that case as an ERROR with a traceback; `_DeliveryFilter` turns it into one INFO line).
 """
 
 from __future__ import annotations
@@ -128,13 +128,15 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         max_pending_reply_bytes: int | None = None,
         request_timeout: float | None = None,
         reply_timeout: float | None = None,
+        max_receiving: int = 16,
     ) -> None:
         self.metrics = metrics
         self.ready = ready
         self.models = models
         self.max_in_flight = max_in_flight
-        self.max_pending_reply_bytes = max_pending_reply_bytes
+        self.max_pending_reply_bytes = max_pending_reply_bytes or None
         self.request_timeout = request_timeout or None
+        self._receiving = asyncio.Semaphore(max_receiving)
         self.reply_timeout = reply_timeout or None
         self.inference_in_flight = 0  # admitted inference calls whose reply has not left
         self.service_calls = 0  # VaeService calls of any method whose reply has not left
@@ -185,7 +187,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 "retry with backoff"
             )
         budget = self.max_pending_reply_bytes
-        if budget is not None and self.pending_reply_bytes >= budget:
+        if budget and self.pending_reply_bytes >= budget:
             self.metrics.admission_rejected.inc()
             raise ResourceExhausted(
                 f"server busy: {self.pending_reply_bytes} bytes of replies not yet taken by "
@@ -193,11 +195,14 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             )
 
     async def _read(self, context: grpc.aio.ServicerContext) -> bytes:
-        """The call's one request message, as bytes."""
+        """The call's one request message, as bytes: within request_timeout, and only once one
+        of the `max_receiving` receive slots is free (reading opens the peer's flow-control
+        window for the whole message, so each slot may hold up to max_message_bytes)."""
         timeout = self.request_timeout
         try:
             async with asyncio.timeout(timeout):
-                raw = await context.read()
+                async with self._receiving:
+                    raw = await context.read()
         except TimeoutError:
             self.metrics.stalled_calls.labels("request").inc()
             log.info("a request not received within request_timeout (%s s) was dropped", timeout)
@@ -207,6 +212,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         if raw is grpc.aio.EOF:  # type: ignore[attr-defined]
             raise InvalidArgument("request", "expected one request message, got none")
         return cast(bytes, raw)
+
+    def _over_budget(self, size: int) -> bool:
+        """Whether one more reply of `size` bytes would overspend max_pending_reply_bytes (a
+        reply alone may, so that no reply is ever too large to send)."""
+        budget, pending = self.max_pending_reply_bytes, self.pending_reply_bytes
+        return budget is not None and pending > 0 and pending + size > budget
 
     def _wrap(self, behavior: Handler, parse: Parser, serialize: Serializer, method: str) -> Any:
         """The call as the service answers it: readiness, admission (an inference call counts
@@ -235,6 +246,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             reply_size = 0
             code = grpc.StatusCode.OK
             timer: asyncio.TimerHandle | None = None
+            raw: bytes | None = None
 
             def ended(_task: object) -> None:
                 # The status (and the reply) has left, or the call died: only now is its
@@ -293,6 +305,13 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                             models.release(lease)
                 raw = serialize(response)
                 del response  # only the bytes stay alive while they are sent
+                if self._over_budget(len(raw)):
+                    metrics.admission_rejected.inc()
+                    raise ResourceExhausted(
+                        f"server busy: {self.pending_reply_bytes} bytes of replies not yet taken "
+                        f"by their callers (max_pending_reply_bytes "
+                        f"{self.max_pending_reply_bytes}); retry with backoff"
+                    )
             except ServiceError as e:
                 code, message = e.code, str(e)
             except asyncio.CancelledError:
@@ -314,15 +333,14 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 if self.reply_timeout is not None:
                     timer = asyncio.get_running_loop().call_later(self.reply_timeout, stalled)
                 return raw
-            # The status without raising (context.abort raises AbortError, whose traceback keeps
-            # this frame, and so the request's bytes, alive until the cyclic GC runs: a caller
-            # sending large bad requests would pin hundreds of MB). gRPC drops the reply of a
-            # call whose code is not OK.
-            context.set_code(code)
-            context.set_details(message)
+            # The status alone (trailers only, which flow control never holds back: an error to
+            # a peer with a shut window still leaves). Raised here, after the except clauses, so
+            # that the AbortError's traceback holds no frame with the request in it.
             count(code, start)  # now: a caller that reads metrics after its error sees it
             counted = True
-            return None
+            raw = None  # a refused reply's bytes must not ride on the AbortError's traceback
+            await context.abort(code, message)
+            return None  # not reached: abort raises
 
         return handle
 

@@ -243,6 +243,7 @@ class Service:
             max_pending_reply_bytes=settings.max_pending_reply_bytes,
             request_timeout=settings.request_timeout,
             reply_timeout=settings.reply_timeout,
+            max_receiving=settings.max_receiving,
         )
         health_server, health_port = None, None
         try:

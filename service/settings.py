@@ -124,6 +124,11 @@ class Settings(BaseSettings):
     request_timeout: float = Field(default=30.0, ge=0)
     """Seconds a call's request may take to arrive once its headers have; a peer that declares
     a large message and stalls is answered DEADLINE_EXCEEDED then and its bytes freed. 0: none."""
+    max_receiving: int = Field(default=16, ge=1)
+    """Most requests being received at once; the others wait (within request_timeout) without
+    their flow-control window opened. A request still arriving holds up to max_message_bytes
+    (16 x 16 MiB by default), so this bounds what peers that stall part way through a large
+    request can pin."""
     reply_timeout: float = Field(default=30.0, ge=0)
     """Seconds a reply may wait for its caller to take it; past that the caller's connection is
     closed (a peer that never opens its HTTP/2 window would hold the reply for good). 0: none."""

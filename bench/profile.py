@@ -32,6 +32,8 @@ from typing import Any
 
 import uvloop
 
+from bench.readme_block import replace_block
+from bench.run_bench import git_commit
 from bench.servers import BenchServer, model_flags
 from service.loadtest import LoadConfig, run_all
 
@@ -180,11 +182,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--client-cpus", default="1")
     parser.add_argument("--out", type=Path, default=RESULTS / "profile.json")
     parser.add_argument("--stacks", type=Path, help="keep the collapsed stacks in this folder")
+    parser.add_argument("--readme", type=Path, help="rewrite its profile block with the table")
     args = parser.parse_args(argv)
     spy = subprocess.run([py_spy(), "--version"], capture_output=True, text=True, check=True)
     model = model_flags(args.version_dir)
     result: dict[str, Any] = {
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "git_commit": git_commit(),
         "py_spy": spy.stdout.split()[-1],
         "duration_s": args.duration,
         "server_cpus": args.server_cpus,
@@ -210,6 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     text = markdown(result)
     args.out.with_suffix(".md").write_text(text)
     print(text)
+    if args.readme:
+        args.readme.write_text(replace_block(args.readme.read_text(), "profile", text))
+        print(f"updated {args.readme}")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ from bench.load_drivers import (  # noqa: E402
     open_loop,
     percentiles_ms,
 )
+from bench.run_bench import git_commit  # noqa: E402
 from bench.served_process import ServerProcess  # noqa: E402
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc  # noqa: E402
 
@@ -390,6 +391,10 @@ def main(argv: list[str] | None = None) -> int:
         result = scenarios[scenario]()
         result["machine"] = machine()
         result["wall_seconds"] = round(time.monotonic() - began, 1)
+        # Each scenario says when and on which commit it ran: a partial run (--only) merges
+        # its scenarios into an older file, so the file's own date is not every scenario's.
+        result["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+        result["git_commit"] = git_commit()
         results[scenario] = result
         print(json.dumps(result, indent=1)[:3000], flush=True)
 

@@ -196,7 +196,21 @@ def before(later: str, earlier: str) -> str:
     return f"{minutes / 1440:.1f} days before"
 
 
-def markdown(results: dict[str, Any]) -> str:
+def later_peers_note(results: dict[str, Any], committed: dict[str, Any] | None) -> str:
+    """A sentence when `committed` (peers.json as it is now) is not the peers run that this
+    bench run copied into bench.json: its figures are not the ones in these tables."""
+    copied = results.get("peers", {}).get("generated_at")
+    if committed is None or copied is None or committed.get("generated_at") == copied:
+        return ""
+    return (
+        f" The tables quote that copy, kept in `bench.json`; the committed `peers.json` is a "
+        f"later `make bench-peers` ({committed['generated_at']}), whose figures differ."
+    )
+
+
+def markdown(results: dict[str, Any], committed_peers: dict[str, Any] | None = None) -> str:
+    """The report of `results` (bench.json, goals added); `committed_peers`: peers.json as it
+    is now, to say so when it is not the run this one copied."""
     m, peers = results["machine"], results.get("peers", {})
     env = ", ".join(f"`{k}={v}`" for k, v in results["env"].items())
     service = results["servers"]["service"]
@@ -205,7 +219,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"`{peers['source']}` from `make bench-peers` of {peers['generated_at']} "
         f"({peers['duration_s']:g} s a point, server on cpus {peers['server_cpus']}), "
         f"{before(results['generated_at'], peers['generated_at'])} this run: a separate run, so "
-        "these ratios are across runs."
+        "these ratios are across runs." + later_peers_note(results, committed_peers)
         if "source" in peers
         else peers.get("missing", "")
     )
@@ -260,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     results = json.loads(args.results.read_text())
     results["goals"] = goals(results)
-    text = markdown(results)
+    committed = RESULTS / "peers.json"
+    text = markdown(results, json.loads(committed.read_text()) if committed.exists() else None)
     args.results.with_suffix(".md").write_text(text)
     print(text)
     if args.readme:

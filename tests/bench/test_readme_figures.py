@@ -1,0 +1,270 @@
+"""The README's figures are its results files': the marked blocks (bench, profile, reliability)
+are regenerated from the committed bench/results/*.json and must be identical, and every figure
+the surrounding prose quotes is recomputed from the same files and must appear as written. A
+new `make bench`, `make bench-profile`, `make reliability`, `make bench-peers`, `make
+bench-quality` or `python -m bench.default_model` that changes a figure fails here until the
+README says what the file says."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import profile, reliability_report, report
+from bench.goals import batching_pairs, best, goals, limit_rate, peer_point, point
+from bench.readme_block import block
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "bench" / "results"
+README = ROOT / "README.md"
+
+
+def load(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((RESULTS / name).read_text())
+    return data
+
+
+@pytest.fixture(scope="module")
+def readme() -> str:
+    return README.read_text()
+
+
+@pytest.fixture(scope="module")
+def prose(readme: str) -> str:
+    """The README's words with every run of white space (line breaks, indents) as one space."""
+    return re.sub(r"\s+", " ", readme)
+
+
+@pytest.fixture(scope="module")
+def bench() -> dict[str, Any]:
+    results = load("bench.json")
+    results["goals"] = goals(results)
+    return results
+
+
+def quoted(prose: str, *phrases: str) -> None:
+    for phrase in phrases:
+        assert re.sub(r"\s+", " ", phrase) in prose, f"the README does not say: {phrase!r}"
+
+
+# ---- the generated blocks ----
+
+
+def test_the_bench_block_is_bench_json(readme: str, bench: dict[str, Any]) -> None:
+    text = report.markdown(bench, load("peers.json"))
+    assert block(readme, "bench") == text
+    assert (RESULTS / "bench.md").read_text() == text
+
+
+def test_the_profile_block_is_profile_json(readme: str) -> None:
+    text = profile.markdown(load("profile.json"))
+    assert block(readme, "profile") == text
+    assert (RESULTS / "profile.md").read_text() == text
+
+
+def test_the_reliability_block_is_reliability_json(readme: str) -> None:
+    assert block(readme, "reliability") == reliability_report.markdown(load("reliability.json"))
+
+
+# ---- figures in the prose ----
+
+
+def service(bench: dict[str, Any], count: int, concurrency: int) -> dict[str, Any]:
+    found = point(bench, "service", "sample", count, "uint8", concurrency)
+    assert found is not None
+    return found
+
+
+def cpu_us(p: dict[str, Any] | None) -> float:
+    value = report.cpu_us(p)
+    assert value is not None
+    return value
+
+
+def test_the_performance_prose_quotes_bench_json(prose: str, bench: dict[str, Any]) -> None:
+    goal = {g["goal"]: g for g in bench["goals"]}
+    quoted(prose, f"The run below took {bench['total_s']:.0f} s")
+
+    transport = goal["Sample(1) at concurrency 32 / no-op server's requests/s"]
+    shares = []
+    for p in bench["points"]:
+        if p["server"] == "service" and not p.get("section") and p["count"] == 1:
+            floor = point(bench, "noop", p["method"], 1, p["image_format"], p["concurrency"])
+            assert floor is not None
+            shares.append(p["requests_per_s"] / floor["requests_per_s"])
+    quoted(
+        prose,
+        f"Sample(1) at 32 in flight: {transport['measured']:.2f} of the no-op server's "
+        f"requests/s; the goal is {transport['target']:g}** (not met; {min(shares):.2f} to "
+        f"{max(shares):.2f} over the count-1 points)",
+    )
+    one = service(bench, 1, 32)
+    ours, noop_cpu = cpu_us(one), cpu_us(point(bench, "noop", "sample", 1, "uint8", 32))
+    quoted(
+        prose,
+        f"the no-op server spends {noop_cpu:.0f} us of CPU a call, the service {ours:.0f} us, "
+        f"{ours / noop_cpu:.2f} times as much",
+        f"adds only ~{ours - noop_cpu:.0f} us to gRPC's {noop_cpu:.0f}",
+        f"275 us a call; the service's ~{ours - noop_cpu:.0f} us on top",
+        f"one decoder run shared by ~{one['rows_per_run']:.0f} calls",
+    )
+    assert f"{noop_cpu:.0f}" == "275"  # the figure the sentence above spells out
+    servicer, pipeline1 = limit_rate(bench, 1, "servicer"), limit_rate(bench, 1, "pipeline")
+    assert servicer is not None and pipeline1 is not None
+    quoted(
+        prose,
+        f"`VaeServicer.Sample(1)` runs {servicer:,.0f} calls/s ({1e6 / servicer:.0f} us a call",
+        f"the Sample pipeline alone {pipeline1:,.0f}/s ({1e6 / pipeline1:.0f} us)",
+    )
+    ort1 = limit_rate(bench, 1)
+    assert ort1 is not None
+    quoted(prose, f"ONNX Runtime's run of one row {ort1:,.0f}/s ({1e6 / ort1:.0f} us")
+
+    big = goal["Sample(1024, uint8) / in-process ONNX Runtime (batch 1024)"]
+    served = best(bench, 1024, "uint8")
+    assert served is not None
+    pipeline = limit_rate(bench, 1024, "pipeline")
+    assert pipeline is not None
+    quoted(
+        prose,
+        f"Sample(1024, uint8): {big['measured']:.2f} of the bare ONNX Runtime session; the goal "
+        f"is {big['target']:g}** (not met)",
+        f"it reaches {served['images_per_s'] / pipeline:.2f} ({served['images_per_s']:,.0f} of "
+        f"{pipeline:,.0f} images/s)",
+    )
+    mid = goal["Sample(64, uint8) / in-process ONNX Runtime (batch 64)"]
+    quoted(
+        prose,
+        f"Sample(64): {mid['measured']:.2f} of ONNX Runtime at batch 64** (goal "
+        f"{mid['target']:g}, met)",
+    )
+    on_off = {f"{on['label']} x{on['concurrency']}": (on, off) for on, off in batching_pairs(bench)}
+    ratio = {k: on["images_per_s"] / off["images_per_s"] for k, (on, off) in on_off.items()}
+    single, _ = on_off["Sample(1, uint8) x64"]
+    wide_on, wide_off = on_off["Sample(64, uint8) x32"]
+    quoted(
+        prose,
+        f"Batching on against off: {ratio['Sample(1, uint8) x1']:.2f} at one caller, "
+        f"{ratio['Sample(1, uint8) x64']:.2f} for 64 callers of one image, "
+        f"{ratio['Sample(64, uint8) x32']:.2f} for 32 of 64 images**",
+        f"at {single['rows_per_run']:.1f} rows a run for single images",
+        f"({report.p99(wide_on):.0f} against {report.p99(wide_off):.0f} ms at Sample(64) x32)",
+    )
+
+
+def test_the_peers_prose_quotes_both_runs_on_file(prose: str, bench: dict[str, Any]) -> None:
+    copied, committed = bench["peers"], load("peers.json")
+    later = {
+        name: {(p["count"], p["concurrency"]): p for p in peer["points"]}
+        for name, peer in committed["peers"].items()
+    }
+    quoted(
+        prose,
+        f"the one `make bench` copied into `bench.json` ({copied['generated_at'][:19]}, the "
+        f"tables above) and the committed `peers.json` ({committed['generated_at'][:19]})",
+    )
+
+    def rates(name: str, count: int, key: str) -> list[float]:
+        first = peer_point(copied["peers"][name], count, 32)
+        assert first is not None
+        return [first[key], later[name][(count, 32)][key]]
+
+    t1, t64 = rates("triton", 1, "requests_per_s"), rates("triton", 64, "images_per_s")
+    m1, m64 = rates("mlserver", 1, "requests_per_s"), rates("mlserver", 64, "images_per_s")
+    quoted(
+        prose,
+        f"Triton served {t1[0]:,.0f} and {t1[1]:,.0f} requests/s at count 1 x32 and "
+        f"{t64[0]:,.0f} and {t64[1]:,.0f} images/s at count 64 x32; MLServer {m1[0]:,.0f} and "
+        f"{m1[1]:,.0f}, and {m64[0]:,.0f} and {m64[1]:,.0f}.",
+    )
+    ours1 = service(bench, 1, 32)["requests_per_s"]
+    ours64 = service(bench, 64, 32)["images_per_s"]
+
+    def span(values: list[float]) -> str:
+        return f"{min(values):.1f} to {max(values):.1f}"
+
+    quoted(
+        prose,
+        f"the service is {span([ours1 / t for t in t1])} times Triton at count 1 and "
+        f"{span([ours64 / t for t in t64])} at count 64 x32, with a lower p99 each time; "
+        f"against MLServer {span([ours1 / m for m in m1] + [ours64 / m for m in m64])} times",
+    )
+    for name, count in (("triton", 1), ("triton", 64), ("mlserver", 1), ("mlserver", 64)):
+        ours = service(bench, count, 32)
+        for theirs in (peer_point(copied["peers"][name], count, 32), later[name][(count, 32)]):
+            assert theirs is not None
+            p99 = theirs.get("p99_ms") or theirs["latency_ms"]["p99"]
+            assert report.p99(ours) < p99, (name, count)  # "a lower p99 each time"
+    pipeline64 = limit_rate(bench, 64, "pipeline")
+    assert pipeline64 is not None
+    noop = [
+        p["requests_per_s"]
+        for p in bench["points"]
+        if p["server"] == "noop" and p["count"] == 1 and p["concurrency"] >= 8
+    ]
+    quoted(
+        prose,
+        f"twice Triton's {max(t64):,.0f} images/s is {2 * max(t64):,.0f}, above the in-process "
+        f"Sample pipeline ({pipeline64:,.0f} at batch 64)",
+        f"twice Triton's better run ({max(t1):,.0f}) is {2 * max(t1):,.0f} requests/s, above "
+        f"the no-op Python gRPC server ({min(noop):,.0f} to {max(noop):,.0f} at 8 or more in "
+        "flight)",
+    )
+
+
+def test_the_reliability_prose_quotes_its_duration(prose: str) -> None:
+    seconds = sum(s["wall_seconds"] for s in load("reliability.json")["scenarios"].values())
+    quoted(prose, f"(its scenarios took {seconds:.0f} s together in the run below)")
+    makefile = re.sub(r"\s+", " ", (ROOT / "Makefile").read_text().replace("#", " "))
+    assert f"its scenarios took {seconds:.0f} s together" in makefile
+
+
+def test_the_quality_figures_are_quality_json(prose: str) -> None:
+    q = load("quality.json")
+    m, t = q["metrics"], q["training"]
+    quoted(
+        prose,
+        f"evaluated {q['evaluated_at'][:10]}",
+        f"| test -log p(x), IWAE bound, k={m['iw_k']:.0f} | **{m['iw_nll']:.2f} ± "
+        f"{m['iw_nll_stderr']:.2f}**",
+        f"| test negative ELBO | {m['negative_elbo']:.2f} (reconstruction "
+        f"{m['reconstruction']:.2f} + KL {m['kl']:.2f}); the k={m['iw_k']:.0f} bound is "
+        f"{m['negative_elbo'] - m['iw_nll']:.1f} nats tighter |",
+        f"| active latent units | {m['active_units']:.0f} of {q['config']['latent_size']} |",
+        f"| best validation negative ELBO | {t['best_validation_negative_elbo']:.2f} at epoch "
+        f"{t['best_epoch']}",
+        f"| training time | {t['training_seconds']:,.0f} s ({t['training_seconds'] / 60:.0f} "
+        f"min) on this shared host: median {t['seconds_per_epoch']:.2f} s an epoch |",
+        f"| evaluation, k={m['iw_k']:.0f} on {m['test_images']:,.0f} test digits | "
+        f"{m['evaluation_seconds']:.0f} s with {q['machine']['torch_threads']} threads |",
+        f"(83 minutes at a median {t['seconds_per_epoch']:.2f} s an epoch",
+    )
+    assert t["training_seconds"] / 60 == pytest.approx(83, abs=0.5)
+
+
+def test_the_default_model_figures_are_its_results_file(prose: str) -> None:
+    d = load("default_model.json")
+    m, t = d["metrics"], d["training"]
+    quoted(
+        prose,
+        f"({t['training_seconds']:.0f} s of training, one torch thread",
+        f"best validation negative ELBO {t['best_validation_negative_elbo']:.2f} at epoch "
+        f"{t['best_epoch']}; on the {m['test_images']:.0f} test digits, negative ELBO "
+        f"{m['negative_elbo']:.2f} (reconstruction {m['reconstruction']:.2f} + KL {m['kl']:.2f}), "
+        f"{m['active_units']:.0f} of 32 latent units active, -log p(x) {m['iw_nll']:.2f} ± "
+        f"{m['iw_nll_stderr']:.2f} with k={m['iw_k']:.0f}",
+        f"Training (one torch thread) took {t['training_seconds']:.0f} s, a median "
+        f"{t['seconds_per_epoch']:.2f} s an epoch, in the recorded run (commit "
+        f"{d['git_commit'][:7]}",
+    )
+    assert t["settings"]["threads"] == 1
+
+
+def test_no_prose_figure_outlives_its_file(prose: str) -> None:
+    """Figures the README once quoted without a results file behind them stay out."""
+    for gone in ("1,772", "3,041", "0.90 in a morning", "72,108", "3,559", "71,380", "9,255"):
+        assert gone not in prose, gone

@@ -43,15 +43,20 @@ from service.metrics import Metrics
 from service.metrics_http import MetricsServer
 from service.model import ServedModel
 from service.model_holder import CallModel, ModelHolder
+from service.proto.inference.v2 import grpc_predict_v2_pb2 as v2_pb2
+from service.proto.inference.v2 import grpc_predict_v2_pb2_grpc as v2_pb2_grpc
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
 from service.servicer import VaeServicer
 from service.settings import Settings
+from service.v2_servicer import V2Servicer, health_ready
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME: str = vae_pb2.DESCRIPTOR.services_by_name["VaeService"].full_name
 HEALTH_SERVICE_NAME: str = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-HEALTH_CHECKED = ("", SERVICE_NAME)  # "" is the whole server
+# The Open Inference Protocol (KServe V2), beside vae.v1 on the same port.
+V2_SERVICE_NAME: str = v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+HEALTH_CHECKED = ("", SERVICE_NAME, V2_SERVICE_NAME)  # "" is the whole server
 # The drain ends once no call has been picked up for this long (and the event loop turned at
 # least DRAIN_QUIET_TURNS times meanwhile, so a loop that was merely blocked does not count).
 DRAIN_QUIET = 0.25
@@ -83,12 +88,17 @@ def create_server(
     servicer: vae_pb2_grpc.VaeServiceServicer,
     health: HealthServicer,
     interceptor: grpc.aio.ServerInterceptor,
+    v2_servicer: v2_pb2_grpc.GRPCInferenceServiceServicer | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """A bound, not yet started server, and the port it bound (settings.port 0 picks one)."""
     server = grpc.aio.server(interceptors=[interceptor], options=server_options(settings))
     vae_pb2_grpc.add_VaeServiceServicer_to_server(servicer, server)
+    names = [SERVICE_NAME, HEALTH_SERVICE_NAME]
+    if v2_servicer is not None:
+        v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(v2_servicer, server)
+        names.append(V2_SERVICE_NAME)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable((SERVICE_NAME, HEALTH_SERVICE_NAME), server)
+    reflection.enable(names, server)
     address = f"{settings.host}:{settings.port}"
     credentials = server_credentials(settings)
     try:
@@ -245,9 +255,16 @@ class Service:
             reply_timeout=settings.reply_timeout,
             max_receiving=settings.max_receiving,
         )
+        v2_servicer = V2Servicer(  # the Open Inference Protocol, on the same model and batchers
+            CallModel(models),  # type: ignore[arg-type]  # info is read-only: a property
+            metrics,
+            health_ready(health),
+            max_items=settings.max_items_per_request,
+            max_queue_delay=settings.max_queue_delay,
+        )
         health_server, health_port = None, None
         try:
-            server, port = create_server(settings, servicer, health, interceptor)
+            server, port = create_server(settings, servicer, health, interceptor, v2_servicer)
             if settings.health_port >= 0:
                 health_server, health_port = create_health_server(settings, health)
         except StartupError:

@@ -1,0 +1,215 @@
+"""The Open Inference Protocol (KServe V2, `inference.GRPCInferenceService`) beside vae.v1.
+
+Served on the same port, through the same interceptor (admission, readiness, deadlines, status
+codes, `vae_requests_total` under the V2 method names) and the same model: a ModelInfer on
+`<name>-decoder` goes through the decoder batcher that vae.v1 Sample and Decode use, one on
+`<name>-encoder` through the encoder's. Tensors and the model's V2 description are in
+`service.v2_codec`. Like `service.servicer`, no try/except: errors are ServiceErrors that the
+interceptor answers (unknown model or version NOT_FOUND, bad tensors INVALID_ARGUMENT, a full
+queue or max_in_flight RESOURCE_EXHAUSTED).
+
+Readiness is the health service's: ServerReady and ModelReady say true once the model is warmed
+up (grpc.health SERVING) and false from the moment the drain begins. ModelReady of a model or
+version not served is false, not an error (what a probe wants).
+
+ModelStatistics (Triton's extension, read by perf_analyzer): `success`, `inference_count` and
+`last_inference` count this server's V2 ModelInfer calls per model since start;
+`execution_count`, `queue` and `compute_infer` are the network's batcher figures from the
+metrics (shared with vae.v1 calls: the same runs serve both).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2
+from prometheus_client import CollectorRegistry
+
+from service import v2_codec
+from service.health import HealthServicer
+from service.metrics import Metrics
+from service.proto.inference.v2 import grpc_predict_v2_pb2 as pb
+from service.proto.inference.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
+from service.servicer import INLINE_ROWS, Model
+
+SERVER_NAME = "vae-serve"
+EXTENSIONS = ("model_configuration", "statistics")
+
+Ready = Callable[[grpc.aio.ServicerContext], Awaitable[bool]]
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version(SERVER_NAME)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass
+class CallStats:
+    """One V2 model's ModelInfer calls answered OK since start."""
+
+    calls: int = 0
+    ns: int = 0
+    rows: int = 0
+    last_ms: int = 0
+
+    def add(self, rows: int, began_ns: int) -> None:
+        self.calls += 1
+        self.ns += time.perf_counter_ns() - began_ns
+        self.rows += rows
+        self.last_ms = time.time_ns() // 1_000_000
+
+
+class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(
+        self,
+        model: Model,
+        metrics: Metrics,
+        ready: Ready,
+        *,
+        max_items: int,
+        max_queue_delay: float = 0.0,
+    ) -> None:
+        self.model = model
+        self.metrics = metrics
+        self.ready = ready
+        self.max_items = max_items
+        self.max_queue_delay = max_queue_delay
+        self.version = _version()
+        self.stats: dict[str, CallStats] = {}
+
+    def _models(self) -> dict[str, v2_codec.V2Model]:
+        return v2_codec.models_of(self.model.info)
+
+    def _find(self, name: str, version: str) -> v2_codec.V2Model:
+        return v2_codec.find_model(self._models(), name, version, self.model.info)
+
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=await self.ready(context))
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        served = request.name in self._models() and request.version in (
+            "",
+            str(self.model.info.version),
+        )
+        return pb.ModelReadyResponse(ready=served and await self.ready(context))
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=self.version, extensions=EXTENSIONS
+        )
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        model = self._find(request.name, request.version)
+        return v2_codec.metadata_out(model, self.model.info, self.max_items)
+
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        model = self._find(request.name, request.version)
+        config = v2_codec.config_out(model, self.max_items, self.max_queue_delay)
+        return pb.ModelConfigResponse(config=config)
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        began = time.perf_counter_ns()
+        info = self.model.info  # the version this call leased
+        model = self._find(request.model_name, request.model_version)
+        wanted = v2_codec.requested_outputs(request, model)
+        array, typed = v2_codec.read_input(request, model, info, limit=self.max_items)
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        n = array.shape[0]
+        produce: Callable[[], list[np.ndarray]]
+        if model.network == "decoder":
+            probabilities = await self.model.decode(array, deadline=deadline)
+            self.metrics.images_generated.inc(n)
+            produce = partial(v2_codec.decoder_outputs, probabilities, wanted)
+        else:
+            mean, log_variance = await self.model.encode(array, deadline=deadline)
+            self.metrics.images_encoded.inc(n)
+            produce = partial(v2_codec.encoder_outputs, mean, log_variance, wanted)
+        response = pb.ModelInferResponse(
+            model_name=model.name, model_version=str(info.version), id=request.id
+        )
+        if n > INLINE_ROWS:  # conversions and copies off the event loop when large
+            await self.model.offload(v2_codec.outputs_into, response, wanted, produce, typed=typed)
+        else:
+            v2_codec.outputs_into(response, wanted, produce, typed=typed)
+        self.stats.setdefault(model.name, CallStats()).add(n, began)
+        return response
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        models = self._models()
+        if request.name:
+            chosen = [self._find(request.name, request.version)]
+        else:
+            chosen = list(models.values())
+        version = str(self.model.info.version)
+        return pb.ModelStatisticsResponse(
+            model_stats=[
+                _statistics(m, version, self.stats.get(m.name, CallStats()), self.metrics.registry)
+                for m in chosen
+            ]
+        )
+
+
+def _statistics(
+    model: v2_codec.V2Model, version: str, calls: CallStats, registry: CollectorRegistry
+) -> pb.ModelStatistics:
+    def sample(name: str, labels: dict[str, str]) -> float:
+        return registry.get_sample_value(name, labels) or 0.0
+
+    def duration(histogram: str, labels: dict[str, str]) -> pb.StatisticDuration:
+        count = sample(f"{histogram}_count", labels)
+        seconds = sample(f"{histogram}_sum", labels)
+        return pb.StatisticDuration(count=int(count), ns=int(seconds * 1e9))
+
+    queue = {"queue": model.network}
+    return pb.ModelStatistics(
+        name=model.name,
+        version=version,
+        last_inference=calls.last_ms,
+        inference_count=calls.rows,
+        execution_count=int(sample("vae_batch_runs_total", queue)),
+        inference_stats=pb.InferStatistics(
+            success=pb.StatisticDuration(count=calls.calls, ns=calls.ns),
+            queue=duration("vae_batch_queue_wait_seconds", queue),
+            compute_infer=duration("vae_inference_seconds", {"network": model.network}),
+        ),
+    )
+
+
+def health_ready(health: HealthServicer) -> Ready:
+    """Readiness as the health service tells it for the whole server ("" SERVING: warmed up
+    and not draining)."""
+    request = health_pb2.HealthCheckRequest(service="")
+
+    async def ready(context: grpc.aio.ServicerContext) -> bool:
+        reply = await health.Check(request, context)
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    return ready

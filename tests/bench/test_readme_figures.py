@@ -268,3 +268,23 @@ def test_no_prose_figure_outlives_its_file(prose: str) -> None:
     """Figures the README once quoted without a results file behind them stay out."""
     for gone in ("1,772", "3,041", "0.90 in a morning", "72,108", "3,559", "71,380", "9,255"):
         assert gone not in prose, gone
+
+
+def test_deploy_readme_memory_figures_are_the_results_files() -> None:
+    text = re.sub(r"\s+", " ", (ROOT / "deploy" / "README.md").read_text())
+    rss = load("bench.json")["servers"]["service"]["rss_mb"]
+    image = load("image.json")
+    memory = next(v for v in image.values() if isinstance(v, dict) and "VmHWM" in v)
+    campaign = load("reliability.json")["scenarios"]
+    quoted(
+        text,
+        f"{rss['idle']:.0f} MB idle and a peak of {rss['peak']:.0f} MB over the whole `make "
+        "bench` run",
+        f"{memory['VmHWM'] / 1e6:.0f} MB in the container after 20 × `Sample(1024)`",
+        f"{campaign['overload']['rss_mb_peak']:.0f} MB at the peak of an overload at "
+        f"{campaign['overload']['factor']:g} times capacity",
+        f"{campaign['limits']['rss_mb_peak']:.0f} MB when "
+        f"{campaign['limits']['concurrent_large_messages']['at_once']} callers at once sent "
+        f"{campaign['limits']['concurrent_large_messages']['message_mb']:g} MB requests, "
+        f"{campaign['limits']['concurrent_large_messages']['rounds']} times over",
+    )

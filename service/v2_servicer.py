@@ -12,10 +12,10 @@ Readiness is the health service's: ServerReady and ModelReady say true once the 
 up (grpc.health SERVING) and false from the moment the drain begins. ModelReady of a model or
 version not served is false, not an error (what a probe wants).
 
-ModelStatistics (Triton's extension, read by perf_analyzer): `success`, `inference_count` and
-`last_inference` count this server's V2 ModelInfer calls per model since start;
-`execution_count`, `queue` and `compute_infer` are the network's batcher figures from the
-metrics (shared with vae.v1 calls: the same runs serve both).
+ModelStatistics (Triton's extension, read by perf_analyzer): the V2 ModelInfer calls of each
+model answered OK since start, their rows and where their time went (reading the tensors, the
+batcher, writing the outputs); `execution_count` is the network's batcher runs from the metrics,
+shared with vae.v1 (the same runs serve both protocols).
 """
 
 from __future__ import annotations
@@ -53,17 +53,23 @@ def _version() -> str:
 
 @dataclass
 class CallStats:
-    """One V2 model's ModelInfer calls answered OK since start."""
+    """One V2 model's ModelInfer calls answered OK since start, and where their time went."""
 
     calls: int = 0
-    ns: int = 0
     rows: int = 0
-    last_ms: int = 0
+    last_ms: int = 0  # time.time() of the latest, in milliseconds
+    input_ns: int = 0  # reading and checking the request's tensors
+    infer_ns: int = 0  # the batcher: queue wait and model run
+    output_ns: int = 0  # converting and writing the outputs
 
-    def add(self, rows: int, began_ns: int) -> None:
+    def add(self, rows: int, began: int, read: int, inferred: int) -> None:
+        """One call: `began`, `read`, `inferred` are its time.perf_counter_ns() marks."""
+        ended = time.perf_counter_ns()
         self.calls += 1
-        self.ns += time.perf_counter_ns() - began_ns
         self.rows += rows
+        self.input_ns += read - began
+        self.infer_ns += inferred - read
+        self.output_ns += ended - inferred
         self.last_ms = time.time_ns() // 1_000_000
 
 
@@ -141,6 +147,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         n = array.shape[0]
+        read = time.perf_counter_ns()
         produce: Callable[[], list[np.ndarray]]
         if model.network == "decoder":
             probabilities = await self.model.decode(array, deadline=deadline)
@@ -150,6 +157,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
             mean, log_variance = await self.model.encode(array, deadline=deadline)
             self.metrics.images_encoded.inc(n)
             produce = partial(v2_codec.encoder_outputs, mean, log_variance, wanted)
+        inferred = time.perf_counter_ns()
         response = pb.ModelInferResponse(
             model_name=model.name, model_version=str(info.version), id=request.id
         )
@@ -157,7 +165,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
             await self.model.offload(v2_codec.outputs_into, response, wanted, produce, typed=typed)
         else:
             v2_codec.outputs_into(response, wanted, produce, typed=typed)
-        self.stats.setdefault(model.name, CallStats()).add(n, began)
+        self.stats.setdefault(model.name, CallStats()).add(n, began, read, inferred)
         return response
 
     async def ModelStatistics(
@@ -180,25 +188,26 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
 def _statistics(
     model: v2_codec.V2Model, version: str, calls: CallStats, registry: CollectorRegistry
 ) -> pb.ModelStatistics:
-    def sample(name: str, labels: dict[str, str]) -> float:
-        return registry.get_sample_value(name, labels) or 0.0
+    """Triton's statistics of one model. Every duration counts the calls answered OK (what
+    perf_analyzer divides by); the batcher's queue wait is inside compute_infer (the batcher
+    does not time calls one by one), so `queue` is 0."""
+    runs = registry.get_sample_value("vae_batch_runs_total", {"queue": model.network}) or 0.0
 
-    def duration(histogram: str, labels: dict[str, str]) -> pb.StatisticDuration:
-        count = sample(f"{histogram}_count", labels)
-        seconds = sample(f"{histogram}_sum", labels)
-        return pb.StatisticDuration(count=int(count), ns=int(seconds * 1e9))
+    def spent(ns: int) -> pb.StatisticDuration:
+        return pb.StatisticDuration(count=calls.calls, ns=ns)
 
-    queue = {"queue": model.network}
     return pb.ModelStatistics(
         name=model.name,
         version=version,
         last_inference=calls.last_ms,
         inference_count=calls.rows,
-        execution_count=int(sample("vae_batch_runs_total", queue)),
+        execution_count=int(runs),
         inference_stats=pb.InferStatistics(
-            success=pb.StatisticDuration(count=calls.calls, ns=calls.ns),
-            queue=duration("vae_batch_queue_wait_seconds", queue),
-            compute_infer=duration("vae_inference_seconds", {"network": model.network}),
+            success=spent(calls.input_ns + calls.infer_ns + calls.output_ns),
+            queue=spent(0),
+            compute_input=spent(calls.input_ns),
+            compute_infer=spent(calls.infer_ns),
+            compute_output=spent(calls.output_ns),
         ),
     )
 

@@ -64,6 +64,7 @@ def grpc_message(payload: bytes, declared: int | None = None) -> bytes:
 class Stream:
     id: int
     data: int = 0  # DATA payload bytes received
+    sent: int = 0  # DATA payload bytes sent
     ended: bool = False  # END_STREAM received (the trailers)
     reset: int | None = None  # RST_STREAM error code, if reset
     send_window: int = DEFAULT_WINDOW
@@ -149,6 +150,7 @@ class H2Peer:
             last = end and sent + n == len(body)
             self._send(frame(DATA, END_STREAM if last else 0, stream.id, body[sent : sent + n]))
             sent += n
+            stream.sent += n
         return sent
 
     def wait_for(self, condition: Callable[[], bool], timeout: float = 30.0) -> bool:

@@ -2,9 +2,9 @@
 
 prometheus_client's own `start_http_server` starts a thread per connection and never times one
 out: 500 idle connections made 514 threads. Here a connection costs no thread; at most
-`max_connections` are open at once (one more is closed at once), and each must send its request
-within `timeout` seconds and is closed after one answer. Prometheus opens one connection per
-scrape, so the bound never binds for it.
+`max_connections` are open at once (one more closes the oldest, so that idle connections cannot
+lock a scraper out), and each must send its request within `timeout` seconds and is closed after
+one answer.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ class MetricsServer:
         self.registry = registry
         self.max_connections = max_connections
         self.timeout = timeout
-        self.refused = 0  # connections closed because max_connections were open
-        self._open: set[asyncio.StreamWriter] = set()
+        self.evicted = 0  # connections closed early because max_connections were open
+        self._open: dict[asyncio.StreamWriter, None] = {}  # oldest first
         self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> int:
@@ -55,11 +55,12 @@ class MetricsServer:
         await self._server.wait_closed()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._open) >= self.max_connections:
-            self.refused += 1
-            writer.close()
-            return
-        self._open.add(writer)
+        while len(self._open) >= self.max_connections:
+            oldest = next(iter(self._open))
+            del self._open[oldest]
+            oldest.close()  # its own coroutine ends on the closed transport
+            self.evicted += 1
+        self._open[writer] = None
         try:
             async with asyncio.timeout(self.timeout):
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -69,7 +70,7 @@ class MetricsServer:
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
             pass  # a peer that stalled, went away or sent too much: just close
         finally:
-            self._open.discard(writer)
+            self._open.pop(writer, None)
             writer.close()
 
     def _answer(self, head: bytes) -> bytes:

@@ -74,6 +74,10 @@ def server_options(settings: Settings) -> list[tuple[str, Any]]:
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         # Fail loudly if another process holds the port, instead of silently sharing it.
         ("grpc.so_reuseport", 0),
+        # No flow-control window beyond HTTP/2's initial 64 KiB until the service reads a
+        # request (then gRPC opens it for the whole message): with BDP probing on, a call the
+        # server refuses unread could still push megabytes into its buffers first.
+        ("grpc.http2.bdp_probe", 0),
     ]
     if settings.max_connection_age > 0:
         options += [

@@ -7,20 +7,27 @@ invalid settings end it with exit code 2 and one line naming each.
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import sys
-from collections.abc import Coroutine, Sequence
-from typing import Any
+import signal
 
-from pydantic import ValidationError
-from pydantic_settings import CliApp, CliSettingsSource
+# SIGHUP asks a running server to reload its model; until serve() installs that handler (the
+# imports below and the model's loading take a second), its default action would kill the
+# process. Ignored meanwhile: the version being loaded is already the newest.
+signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
-from export.manifest import ModelError
-from service import logs
-from service.runtime import ProviderError
-from service.server import StartupError, serve
-from service.settings import Settings
+import asyncio  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Coroutine, Sequence  # noqa: E402
+from typing import Any  # noqa: E402
+
+from pydantic import ValidationError  # noqa: E402
+from pydantic_settings import CliApp, CliSettingsSource  # noqa: E402
+
+from export.manifest import ModelError  # noqa: E402
+from service import logs  # noqa: E402
+from service.runtime import ProviderError  # noqa: E402
+from service.server import StartupError, serve  # noqa: E402
+from service.settings import Settings  # noqa: E402
 
 log = logging.getLogger("vae-serve")
 

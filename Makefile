@@ -143,6 +143,25 @@ bench-peers: peers $(if $(PEERS_MODEL_DIR),,model)
 		$(or $(PEERS_MODEL_DIR),$$(ls -d $(MODEL_REPO)/$(MODEL_NAME)/*/ | sort -V | tail -1)) \
 		$(PEERS_ARGS)
 
+# ---- The Open Inference Protocol's own clients (README "Open Inference Protocol") ----
+# tritonclient and perf_analyzer in their own venv (tritonclient 2.51.0 pins protobuf<5 and
+# numpy<2): the tritonclient tests in tests/v2 run when it exists. perf_analyzer also needs
+# libb64 (Debian's libb64-0d, unpacked here, not installed) and libcudart (a wheel).
+V2_CLIENT := $(PEERS)/.venv-tritonclient
+
+.PHONY: v2-client
+
+v2-client: $(V2_CLIENT)/perf-libs
+
+$(V2_CLIENT)/perf-libs: $(V2_CLIENT)/.installed
+	rm -rf $@ $@.deb && mkdir -p $@.deb
+	cd $@.deb && apt-get download libb64-0d && dpkg -x libb64-0d_*.deb root
+	mkdir -p $@.tmp
+	cp -L $@.deb/root/usr/lib/*/libb64.so.0d $@.tmp/
+	ln -sf "$$(realpath $(V2_CLIENT)/lib/python3*/site-packages/nvidia/cuda_runtime/lib/libcudart.so.12)" \
+		$@.tmp/libcudart.so.12
+	rm -rf $@.deb && mv $@.tmp $@
+
 # ---- Containers and Kubernetes (deploy/README.md) ----
 # docker where a daemon answers, else podman (`deploy/podman/setup.sh` installs it on Debian).
 CONTAINER_ENGINE ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo podman)

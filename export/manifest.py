@@ -54,6 +54,19 @@ class NetworkFile(BaseModel):
     outputs: list[TensorSpec]
 
 
+class Variant(BaseModel):
+    """The same networks at another precision (`int8`, `fp16`): their files, how they were made
+    and what the quality gate measured against fp32 (export/precision.py)."""
+
+    encoder: NetworkFile
+    decoder: NetworkFile
+    recipe: dict[str, Any] = {}
+    quality: dict[str, float] = {}
+
+
+FP32 = "fp32"  # the precision of the manifest's own encoder and decoder
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
@@ -72,9 +85,22 @@ class Manifest(BaseModel):
     metrics: dict[str, float] = {}  # test-set figures, e.g. negative_elbo, iw_nll
     created_at: str = ""
     git_commit: str = ""
+    variants: dict[str, Variant] = {}  # other precisions of the same networks, by name
 
-    def networks(self) -> dict[str, NetworkFile]:
-        return {"encoder": self.encoder, "decoder": self.decoder}
+    def precisions(self) -> list[str]:
+        return [FP32, *sorted(self.variants)]
+
+    def networks(self, precision: str = FP32) -> dict[str, NetworkFile]:
+        if precision == FP32:
+            return {"encoder": self.encoder, "decoder": self.decoder}
+        variant = self.variants.get(precision)
+        if variant is None:
+            raise ModelError(
+                f"{self.name} version {self.version} has no {precision} variant (it has "
+                f"{', '.join(self.precisions())}); export it with vae-export, or serve another "
+                "precision"
+            )
+        return {"encoder": variant.encoder, "decoder": variant.decoder}
 
     def write(self, directory: Path) -> Path:
         path = directory / MANIFEST_FILE
@@ -203,7 +229,7 @@ def _repository_root(directory: Path) -> Path:
         raise ModelError(f"{directory}: cannot resolve its model repository: {e}") from e
 
 
-def _check_signatures(directory: Path, manifest: Manifest) -> None:
+def _check_signatures(directory: Path, manifest: Manifest, precision: str) -> None:
     latent = manifest.latent_size
     pixels = 1
     for side in manifest.image_shape:
@@ -212,7 +238,7 @@ def _check_signatures(directory: Path, manifest: Manifest) -> None:
         "encoder": (["N", pixels], ["N", latent]),
         "decoder": (["N", latent], ["N", pixels]),
     }
-    for role, net in manifest.networks().items():
+    for role, net in manifest.networks(precision).items():
         in_shape, out_shape = expected[role]
         if [t.shape for t in net.inputs] != [in_shape] or any(
             t.shape != out_shape for t in net.outputs
@@ -277,10 +303,11 @@ class VerifiedVersion:
     malformed: dict[str, str]
 
 
-def open_version(directory: Path) -> VerifiedVersion:
+def open_version(directory: Path, precision: str = FP32) -> VerifiedVersion:
     """Read and verify one `<repo>/<name>/<version>` folder: its name is a version number, it
     and every file lie inside the repository, the manifest names this model and version, and
-    every ONNX file matches its sha256. Raises ModelError with a one-line reason."""
+    the ONNX files of `precision` match their sha256. Raises ModelError with a one-line
+    reason."""
     root = _repository_root(directory)
     version = version_number(directory.name)
     if version is None:
@@ -307,18 +334,20 @@ def open_version(directory: Path) -> VerifiedVersion:
             f"{directory}: the manifest names model {manifest.name!a}, the folder "
             f"{directory.parent.name!a}"
         )
-    _check_signatures(directory, manifest)
+    _check_signatures(directory, manifest, precision)
     malformed: dict[str, str] = {}
     networks = {
         role: _read_network(directory, root, role, net, malformed)
-        for role, net in manifest.networks().items()
+        for role, net in manifest.networks(precision).items()
     }
     return VerifiedVersion(directory, manifest, networks, malformed)
 
 
 def load_verified(directory: Path) -> Manifest:
-    """Read the manifest of one version directory and verify its files against it."""
-    version = open_version(directory)
-    for reason in version.malformed.values():
-        raise ModelError(reason)
-    return version.manifest
+    """Read the manifest of one version directory and verify its files, those of every
+    precision variant included, against it."""
+    manifest = open_version(directory).manifest
+    for precision in manifest.precisions():
+        for reason in open_version(directory, precision).malformed.values():
+            raise ModelError(reason)
+    return manifest

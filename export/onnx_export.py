@@ -24,15 +24,22 @@ from export.manifest import (
     ModelError,
     NetworkFile,
     TensorSpec,
+    Variant,
     list_versions,
     load_verified,
     sha256_of,
 )
 from export.model import IMAGE_SHAPE, IMAGE_SIZE, VAE
+from export.precision import write_variants
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-4
 PARITY_BATCH_SIZES = (1, 257)
+
+
+def flat_images(images: np.ndarray) -> np.ndarray:
+    """uint8 images [N, 28, 28] or [N, 784] -> float32 [N, 784] in [0, 1]."""
+    return (images.reshape(len(images), -1) / 255).astype(np.float32)
 
 
 def git_commit() -> str:
@@ -100,6 +107,7 @@ def export_version(
     parity_images_source: str = "given images",
     training: dict[str, Any] | None = None,
     metrics: dict[str, float] | None = None,
+    variant_images: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Path:
     """Write `<repo>/<name>/<version>/` (the next free version if None) and return it.
 
@@ -153,24 +161,39 @@ def export_version(
         def spec(tensor_name: str, width: int) -> TensorSpec:
             return TensorSpec(name=tensor_name, dtype="float32", shape=["N", width])
 
+        def network(path: str, role: str) -> NetworkFile:
+            if role == "encoder":
+                inputs, outputs = [spec("image", IMAGE_SIZE)], ["mean", "log_variance"]
+            else:
+                inputs, outputs = [spec("latent", latent)], ["logits"]
+            width = latent if role == "encoder" else IMAGE_SIZE
+            return NetworkFile(
+                path=path,
+                sha256=sha256_of(staging / path),
+                inputs=inputs,
+                outputs=[spec(output, width) for output in outputs],
+            )
+
+        variants: dict[str, Variant] = {}
+        if variant_images is not None:
+            written, refused = write_variants(staging, *variant_images)
+            for precision, entry in written.items():
+                variants[precision] = Variant(
+                    encoder=network(f"encoder.{precision}.onnx", "encoder"),
+                    decoder=network(f"decoder.{precision}.onnx", "decoder"),
+                    **entry,
+                )
+            for reason in refused.values():
+                print(f"variant not written: {reason}", flush=True)
+
         manifest = Manifest(
             name=name,
             version=version,
             latent_size=latent,
             image_shape=list(IMAGE_SHAPE),
             opset=OPSET,
-            encoder=NetworkFile(
-                path="encoder.onnx",
-                sha256=sha256_of(staging / "encoder.onnx"),
-                inputs=[spec("image", IMAGE_SIZE)],
-                outputs=[spec("mean", latent), spec("log_variance", latent)],
-            ),
-            decoder=NetworkFile(
-                path="decoder.onnx",
-                sha256=sha256_of(staging / "decoder.onnx"),
-                inputs=[spec("latent", latent)],
-                outputs=[spec("logits", IMAGE_SIZE)],
-            ),
+            encoder=network("encoder.onnx", "encoder"),
+            decoder=network("decoder.onnx", "decoder"),
             config=model.config.to_dict(),
             parity=parity,
             parity_check={
@@ -186,6 +209,7 @@ def export_version(
             metrics=metrics or {},
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             git_commit=git_commit(),
+            variants=variants,
         )
         manifest.write(staging)
         staging.rename(final)
@@ -219,6 +243,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--k", type=int, default=1000, help="importance samples for the test metrics")
     p.add_argument("--metrics", type=Path, help="take the test metrics from vae-evaluate's JSON")
     p.add_argument("--threads", type=int, default=1, help="torch threads (2 on free cores)")
+    p.add_argument(
+        "--no-variants",
+        action="store_true",
+        help="write only the fp32 networks, not the int8 and fp16 variants",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -244,12 +273,16 @@ def main(argv: list[str] | None = None) -> None:
         parity_images_source=f"the first {n} test images ({dataset.description['source']})",
         training={**training_summary(state), "checkpoint": str(args.checkpoint)},
         metrics=metrics,
+        variant_images=None
+        if args.no_variants
+        else (flat_images(dataset.train.images), flat_images(dataset.test.images)),
     )
     manifest = load_verified(path)
     print(
         f"exported {path}: parity {manifest.parity}, test negative ELBO "
         f"{metrics['negative_elbo']:.2f}, -log p(x) ~ {metrics['iw_nll']:.2f} nats "
-        f"(k={int(metrics['iw_k'])}), {int(metrics['active_units'])} active units",
+        f"(k={int(metrics['iw_k'])}), {int(metrics['active_units'])} active units; "
+        f"precisions {', '.join(manifest.precisions())}",
         flush=True,
     )
 

@@ -182,6 +182,11 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         self._handlers[method_path] = wrapped
         return wrapped
 
+    def mark_cut_off(self) -> None:
+        """The calls in progress are about to be cancelled (the grace period ended): count
+        their replies as undelivered (CANCELLED), whatever gRPC tells of them."""
+        DELIVERY.undelivered.update(self.calls)
+
     def _refuse_if_full(self) -> None:
         limit = self.max_in_flight
         if limit is not None and self.inference_in_flight >= limit:

@@ -393,6 +393,8 @@ class Service:
             left = interceptor.service_calls
             idle_looks = idle_looks + 1 if left == 0 else 0
             if idle_looks >= 2 or time.monotonic() >= deadline:
+                if left:
+                    interceptor.mark_cut_off()
                 await self.server.stop(None)  # cancels what is left, closes every connection
                 await stopping
                 return left

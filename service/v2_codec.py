@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
@@ -62,9 +62,13 @@ class V2Model:
     outputs: tuple[Tensor, ...]
     accepts: str  # the input forms accepted, in words (ModelMetadata's parameters)
 
-    @property
-    def input_datatypes(self) -> tuple[str, ...]:
-        return ("FP32", "UINT8") if self.network == "encoder" else ("FP32",)
+    def __post_init__(self) -> None:
+        encoder = self.network == "encoder"
+        object.__setattr__(self, "input_datatypes", ("FP32", "UINT8") if encoder else ("FP32",))
+        object.__setattr__(self, "outputs_by_name", {t.name: t for t in self.outputs})
+
+    input_datatypes: tuple[str, ...] = field(init=False)
+    outputs_by_name: Mapping[str, Tensor] = field(init=False)
 
 
 def models_of(info: ModelInfo) -> dict[str, V2Model]:
@@ -180,7 +184,7 @@ def requested_outputs(request: pb.ModelInferRequest, model: V2Model) -> list[Ten
     """The outputs asked for, in the request's order; every output if none is named."""
     if not request.outputs:
         return list(model.outputs)
-    known = {t.name: t for t in model.outputs}
+    known = model.outputs_by_name
     wanted: list[Tensor] = []
     for i, output in enumerate(request.outputs):
         tensor = known.get(output.name)

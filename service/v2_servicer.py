@@ -36,6 +36,7 @@ from service.health import HealthServicer
 from service.metrics import Metrics
 from service.proto.inference.v2 import grpc_predict_v2_pb2 as pb
 from service.proto.inference.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
+from service.runtime import ModelInfo
 from service.servicer import INLINE_ROWS, Model
 
 SERVER_NAME = "vae-serve"
@@ -90,12 +91,19 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         self.max_queue_delay = max_queue_delay
         self.version = _version()
         self.stats: dict[str, CallStats] = {}
+        self._described: tuple[ModelInfo, dict[str, v2_codec.V2Model]] | None = None
 
-    def _models(self) -> dict[str, v2_codec.V2Model]:
-        return v2_codec.models_of(self.model.info)
+    def _models(self, info: ModelInfo | None = None) -> dict[str, v2_codec.V2Model]:
+        """The V2 models of `info` (default: the call's version), made once per version."""
+        info = self.model.info if info is None else info
+        cached = self._described
+        if cached is None or cached[0] is not info:
+            cached = self._described = (info, v2_codec.models_of(info))
+        return cached[1]
 
-    def _find(self, name: str, version: str) -> v2_codec.V2Model:
-        return v2_codec.find_model(self._models(), name, version, self.model.info)
+    def _find(self, name: str, version: str, info: ModelInfo | None = None) -> v2_codec.V2Model:
+        info = self.model.info if info is None else info
+        return v2_codec.find_model(self._models(info), name, version, info)
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -141,7 +149,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         began = time.perf_counter_ns()
         info = self.model.info  # the version this call leased
-        model = self._find(request.model_name, request.model_version)
+        model = self._find(request.model_name, request.model_version, info)
         wanted = v2_codec.requested_outputs(request, model)
         array, typed = v2_codec.read_input(request, model, info, limit=self.max_items)
         remaining = context.time_remaining()

@@ -162,6 +162,15 @@ $(V2_CLIENT)/perf-libs: $(V2_CLIENT)/.installed
 		$@.tmp/libcudart.so.12
 	rm -rf $@.deb && mv $@.tmp $@
 
+# V2 ModelInfer beside vae.v1 Sample for the same images (count 1, 64, 1024), then perf_analyzer
+# at the same points: servers on core 0, load on core 1; bench/results/v2.json (about 1 minute).
+BENCH_V2_ARGS ?= --duration 3 --warmup 1
+
+.PHONY: bench-v2
+
+bench-v2: model v2-client
+	$(PY) -m bench.v2_bench $(LATEST_MODEL) $(BENCH_V2_ARGS)
+
 # ---- Containers and Kubernetes (deploy/README.md) ----
 # docker where a daemon answers, else podman (`deploy/podman/setup.sh` installs it on Debian).
 CONTAINER_ENGINE ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo podman)

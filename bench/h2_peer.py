@@ -111,7 +111,9 @@ class H2Peer:
                 self.closed = True
                 self.lock.notify_all()
 
-    def call(self, path: str, request: bytes, *, declared: int | None = None) -> Stream:
+    def call(
+        self, path: str, request: bytes, *, declared: int | None = None, patience: float = 2.0
+    ) -> Stream:
         """Start a call and send its message (or, with `declared`, the first bytes of a longer
         one, as far as the server's flow-control windows let it, then stall)."""
         headers = [
@@ -129,7 +131,7 @@ class H2Peer:
         self._send(frame(HEADERS, END_HEADERS, stream.id, headers_block(headers)))
         body = grpc_message(request, declared)
         complete = declared is None
-        self.send_body(stream, body, end=complete)
+        self.send_body(stream, body, end=complete, patience=patience)
         return stream
 
     def send_body(self, stream: Stream, body: bytes, *, end: bool, patience: float = 2.0) -> int:

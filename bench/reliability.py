@@ -9,7 +9,9 @@ Scenarios: `fuzz` (thousands of hypothesis cases over every field and as raw byt
 and after), `overload` (open loop at several times the measured capacity: admitted calls
 succeed, the rest are refused RESOURCE_EXHAUSTED, health answers throughout), `limits`
 (bench/reliability_limits.py: oversized and many large messages), and in
-bench/reliability_faults.py `sigterm`, `sigkill`, `reload`, `tls` and `soak`. The machine is
+bench/reliability_faults.py `sigterm`, `sigkill`, `reload`, `tls` and `soak`, and in
+bench/reliability_peers.py `peers` (slow readers, stalled uploads, idle /metrics connections, a
+burst at SIGTERM, an idle server's exit). The machine is
 shared (a training run and other benchmarks may be on it): load averages are recorded beside
 every figure.
 """
@@ -336,6 +338,18 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
     lost += [results["sigkill"]["client_with_retries"]["failed"]] if "sigkill" in results else []
     lost += [results["reload"]["calls_failed"]] if "reload" in results else []
     out["calls_lost"] = sum(lost)
+    if "peers" in results:
+        p = results["peers"]
+        out["hostile_peers"] = {
+            "slow_readers_rss_mb": p["slow_readers"]["while_held"]["rss_mb"],
+            "slow_readers_pending_reply_mb": p["slow_readers"]["while_held"]["pending_reply_mb"],
+            "stalled_uploads_rss_mb": p["stalled_uploads"]["rss_mb_with_all_stalled"],
+            "metrics_threads_with_500_idle": p["idle_metrics_connections"][
+                "threads_with_idle_connections"
+            ],
+            "burst_at_sigterm_codes": p["drain"]["burst_codes"],
+            "idle_exit_seconds": p["drain"]["idle_with_watch_and_tcp_seconds_to_exit"],
+        }
     if "soak" in results:
         out["soak_rss_growth_percent"] = results["soak"]["rss_growth_percent"]
         out["soak_errors"] = results["soak"]["errors"]
@@ -349,6 +363,7 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     from bench import reliability_faults as faults
     from bench.reliability_limits import request_limits
+    from bench.reliability_peers import hostile_peers
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model-repo", type=Path, default=ROOT / "models")
@@ -382,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         "reload": lambda: faults.reload_under_load(repo, name),
         "tls": lambda: faults.tls_faults(repo, name),
         "soak": lambda: faults.soak(repo, name, args.soak_seconds),
+        "peers": lambda: hostile_peers(repo, name),
     }
     chosen = args.only.split(",") if args.only else list(scenarios)
     results: dict[str, Any] = {}

@@ -51,7 +51,7 @@ from export.manifest import MANIFEST_FILE
 from service.client import channel_options, tls_credentials
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
 
-IN_FLIGHT_AT_SIGTERM = re.compile(r"(\d+) inference calls in flight get up to")
+IN_FLIGHT_AT_SIGTERM = re.compile(r"(\d+) (?:inference )?calls\s+in flight get up to")
 
 
 def sampler(request: vae_pb2.SampleRequest, timeout: float = 30) -> Callable:

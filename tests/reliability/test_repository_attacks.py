@@ -421,7 +421,6 @@ def vae_serve(repo: Path) -> subprocess.CompletedProcess[str]:
             "--port=0",
             "--metrics-port=-1",
             "--provider=cpu",
-            "--event-loop=asyncio",
         ],
         capture_output=True,
         text=True,

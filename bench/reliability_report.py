@@ -126,6 +126,24 @@ def soak(s: dict[str, Any]) -> str:
     )
 
 
+def peers(p: dict[str, Any]) -> str:
+    r, u = p["slow_readers"], p["stalled_uploads"]
+    m, d = p["idle_metrics_connections"], p["drain"]
+    return (
+        f"{r['load']}: RSS {mb(r['rss_mb_before'])} to {mb(r['while_held']['rss_mb'])} MB, "
+        f"{mb(r['while_held']['pending_reply_mb'])} MB of replies held (the budget: 268), then "
+        f"{r['after_reply_timeout']['stalled_replies_cut']:.0f} peers cut at the reply timeout; "
+        f"{u['load']}: RSS {mb(u['rss_mb_before'])} to {mb(u['rss_mb_with_all_stalled'])} MB, "
+        f"{u['ended_at_request_timeout']:.0f} ended at the request timeout; "
+        f"{m['idle_connections']} idle /metrics connections: {m['threads_before']} threads "
+        f"before, {m['threads_with_idle_connections']} with them; {d['burst']}: "
+        f"{codes(d['burst_codes'])}, exit {d['burst_exit_code']} after "
+        f"{d['burst_seconds_to_exit']:g} s; an idle server with an open health Watch and an idle "
+        f"connection left {d['idle_with_watch_and_tcp_seconds_to_exit']:g} s after SIGTERM "
+        f"(grace period {d['idle_grace_period_s']} s)"
+    )
+
+
 ROWS = {
     "fuzz": ("hostile input", fuzz),
     "overload": ("overload", overload),
@@ -135,6 +153,7 @@ ROWS = {
     "reload": ("model reloads under load", reload),
     "tls": ("TLS faults", tls),
     "soak": ("soak", soak),
+    "peers": ("hostile peers and the drain", peers),
 }
 
 

@@ -8,7 +8,9 @@ that a drift of the shared machine falls on both; each protocol's figure is the 
 runs. The V2 call carries its latents (count x latent_size float32, drawn up front); Sample
 draws them on the server. Then perf_analyzer (tritonclient 2.51.0's, `make v2-client`) drives
 the same server at the same points; it asks for every output (probabilities FP32 and image
-UINT8), so its calls carry 5 times the reply bytes of ours.
+UINT8), so its calls carry 5 times the reply bytes of ours. Where `make peers` made Triton's venv,
+perf_analyzer then drives Triton (PyTriton) at the same points, on its `vae_decoder_uint8` (the
+same images as UINT8 [N, 784]), on the same cores.
 
     python -m bench.v2_bench models/mnist-vae/1 --duration 3 --warmup 1
 
@@ -34,6 +36,7 @@ import grpc
 import numpy as np
 import uvloop
 
+from bench import v2_triton
 from bench.servers import BenchServer, model_flags
 from service.proto.inference.v2 import grpc_predict_v2_pb2 as pb
 from service.proto.inference.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -211,6 +214,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--server-cpus", default="0")
     parser.add_argument("--client-cpus", default="1")
     parser.add_argument("--latent-size", type=int, default=32)
+    parser.add_argument(
+        "--no-triton",
+        dest="triton",
+        action="store_false",
+        help="skip perf_analyzer against Triton (run only where `make peers` made its venv)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "v2.json")
     args = parser.parse_args(argv)
     os.sched_setaffinity(0, {int(c) for c in args.client_cpus.split(",")})
@@ -252,6 +261,12 @@ def main(argv: list[str] | None = None) -> None:
                 )
         finally:
             server.stop()
+        if args.triton and v2_triton.available():
+            with v2_triton.triton(args.version_dir, args.server_cpus, Path(tmp)) as target:
+                for point in points:
+                    point["perf_analyzer_triton"] = perf_analyzer(
+                        target, v2_triton.MODEL, point["count"], point["concurrency"], args
+                    )
     result = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": f"python -m bench.v2_bench {args.version_dir} --duration {args.duration} "

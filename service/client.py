@@ -86,6 +86,7 @@ class ModelInfo:
     providers: tuple[str, ...]
     metrics: dict[str, float]
     max_items_per_request: int
+    precision: str
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,7 @@ def info_from(reply: vae_pb2.ModelInfo) -> ModelInfo:
         providers=tuple(reply.providers),
         metrics=dict(reply.metrics),
         max_items_per_request=reply.max_items_per_request,
+        precision=reply.precision or "fp32",
     )
 
 

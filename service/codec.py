@@ -379,6 +379,7 @@ def model_info_out(info: ModelInfo, max_items: int) -> vae_pb2.ModelInfo:
         providers=info.providers,
         metrics=info.metrics,
         max_items_per_request=max_items,
+        precision=info.precision,
     )
 
 

@@ -147,8 +147,15 @@ class Metrics:
             self.batch_queue_rows.labels(queue),
         )
 
-    def set_model(self, name: str, version: int, providers: Sequence[str]) -> None:
-        self.model.info({"name": name, "version": str(version), "provider": ",".join(providers)})
+    def set_model(self, name: str, version: int, providers: Sequence[str], precision: str) -> None:
+        self.model.info(
+            {
+                "name": name,
+                "version": str(version),
+                "provider": ",".join(providers),
+                "precision": precision,
+            }
+        )
 
 
 class BatchMetrics:

@@ -239,7 +239,7 @@ class ModelHolder:
         return False
 
     def _publish(self, info: ModelInfo) -> None:
-        self.metrics.set_model(info.name, info.version, info.providers)
+        self.metrics.set_model(info.name, info.version, info.providers, info.precision)
 
     def _close_later(self, model: Servable) -> None:
         task = asyncio.get_running_loop().create_task(_close(model))

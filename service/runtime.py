@@ -23,7 +23,14 @@ import numpy as np
 import onnxruntime as ort
 from prometheus_client import Histogram
 
-from export.manifest import Manifest, ModelError, NetworkFile, open_version, resolve_version
+from export.manifest import (
+    FP32,
+    Manifest,
+    ModelError,
+    NetworkFile,
+    open_version,
+    resolve_version,
+)
 from service.metrics import Metrics
 from service.sampling import sigmoid_
 from service.settings import Settings
@@ -56,6 +63,7 @@ class ModelInfo:
     image_shape: tuple[int, ...]
     providers: tuple[str, ...]  # what ONNX Runtime actually uses, not what was asked for
     metrics: dict[str, float] = field(default_factory=dict)
+    precision: str = FP32
     directory: Path = Path()
 
     @property
@@ -181,6 +189,7 @@ class Runtime:
         *,
         workers: int,
         metrics: Metrics | None = None,
+        precision: str = FP32,
     ) -> None:
         self.manifest = manifest
         self.encoder = encoder
@@ -194,6 +203,7 @@ class Runtime:
             image_shape=tuple(manifest.image_shape),
             providers=providers,
             metrics=dict(manifest.metrics),
+            precision=precision,
             directory=directory,
         )
         self._image_input = manifest.encoder.inputs[0].name
@@ -214,7 +224,7 @@ class Runtime:
         directory = resolve_version(
             settings.model_repo, settings.model_name, settings.model_version
         )
-        version = open_version(directory)
+        version = open_version(directory, settings.precision)
         manifest = version.manifest
         if tuple(manifest.image_shape) != SERVED_IMAGE_SHAPE:
             raise ModelError(
@@ -224,7 +234,7 @@ class Runtime:
         pixels, latent = int(np.prod(SERVED_IMAGE_SHAPE)), manifest.latent_size
         widths = {"encoder": [pixels, latent, latent], "decoder": [latent, pixels]}
         sessions = {}
-        for role, net in manifest.networks().items():
+        for role, net in manifest.networks(settings.precision).items():
             path = directory / net.path
             session = _open_with_provider(path, version.networks[role], settings)
             if role in version.malformed:  # ONNX Runtime took it; its tensors are unchecked
@@ -238,10 +248,11 @@ class Runtime:
                 "libraries; --provider cuda shows ONNX Runtime's reason); running on the CPU"
             )
         log.info(
-            "loaded %s version %d from %s: latent size %d, providers %s, %d ONNX Runtime "
+            "loaded %s version %d (%s) from %s: latent size %d, providers %s, %d ONNX Runtime "
             "thread(s) per run, %d inference worker(s)",
             manifest.name,
             manifest.version,
+            settings.precision,
             directory,
             manifest.latent_size,
             providers,
@@ -255,6 +266,7 @@ class Runtime:
             sessions["decoder"],
             workers=settings.inference_workers,
             metrics=metrics,
+            precision=settings.precision,
         )
         try:
             _probe(runtime.encoder, runtime.decoder, runtime.info)

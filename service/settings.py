@@ -70,6 +70,9 @@ class Settings(BaseSettings):
 
     provider: Literal["auto", "cuda", "cpu"] = "auto"
     """ONNX Runtime execution provider: auto (CUDA if usable, else CPU with a warning)."""
+    precision: Literal["fp32", "int8", "fp16"] = "fp32"
+    """Which of the version's networks to serve: the parity-checked fp32 ones, or a variant the
+    manifest lists (int8 for CPUs, fp16 for CUDA); a version without it is refused."""
     intra_op_threads: int = Field(default=1, ge=1)
     """ONNX Runtime threads per inference run (1: parallelism comes from inference_workers)."""
     inference_workers: int = Field(default_factory=usable_cpus, ge=1)

@@ -106,7 +106,12 @@ def model_info(channel: grpc.Channel) -> vae_pb2.ModelInfo:
 
 def version_1_shown(served: Served) -> float:
     return metric(
-        served, "vae_model_info", name=MODEL, version="1", provider="CPUExecutionProvider"
+        served,
+        "vae_model_info",
+        name=MODEL,
+        version="1",
+        provider="CPUExecutionProvider",
+        precision="fp32",
     )
 
 
@@ -133,7 +138,12 @@ def test_polling_swaps_a_new_version_in_while_a_call_in_flight_finishes_on_the_o
 
         info = model_info(channel)
         assert (info.latent_size, dict(info.metrics)) == (3, {"negative_elbo": 432.1})
-        labels = {"name": MODEL, "version": "2", "provider": "CPUExecutionProvider"}
+        labels = {
+            "name": MODEL,
+            "version": "2",
+            "provider": "CPUExecutionProvider",
+            "precision": "fp32",
+        }
         assert metric(served, "vae_model_info", **labels) == 1
         assert version_1_shown(served) == 0  # version 1 is no longer shown
         assert metric(served, "vae_model_reloads_total", result="success") == 1

@@ -64,7 +64,7 @@ def test_moving_the_highest_version_out_swaps_the_previous_one_back(
         assert stub.Sample(WITH_LATENTS, timeout=30).latents.shape == [1, 4]
         assert metric(served, "vae_model_reloads_total", result="success") == 2
         assert metric(served, "vae_model_reloads_total", result="failure") == 0
-        shown = {"name": MODEL, "provider": "CPUExecutionProvider"}
+        shown = {"name": MODEL, "provider": "CPUExecutionProvider", "precision": "fp32"}
         assert metric(served, "vae_model_info", version="1", **shown) == 1
         assert metric(served, "vae_model_info", version="2", **shown) == 0
     assert any("now serving tiny-vae version 1 (was version 2)" in m for m in caplog.messages)

@@ -93,7 +93,12 @@ def test_metrics_move_by_exactly_the_calls_made(
     assert delta("vae_inference_seconds_count", network="encoder") == 1
     assert delta("vae_inference_seconds_sum", network="decoder") > 0
     assert after[("vae_requests_in_flight", ())] == 0
-    info = (("name", "tiny-vae"), ("provider", "CPUExecutionProvider"), ("version", "1"))
+    info = (
+        ("name", "tiny-vae"),
+        ("precision", "fp32"),
+        ("provider", "CPUExecutionProvider"),
+        ("version", "1"),
+    )
     assert after[("vae_model_info", info)] == 1
 
 

@@ -484,10 +484,15 @@ class ModelInfo(_message.Message):
     PROVIDERS_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     MAX_ITEMS_PER_REQUEST_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.int
     latent_size: _builtins.int
     max_items_per_request: _builtins.int
+    precision: _builtins.str
+    """The precision of the networks served: "fp32" (the parity-checked export), or a variant the
+    manifest lists, "int8" or "fp16". A seed reproduces its images exactly within one precision.
+    """
     @_builtins.property
     def image_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """[28, 28]."""
@@ -510,10 +515,11 @@ class ModelInfo(_message.Message):
         providers: _abc.Iterable[_builtins.str] | None = ...,
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         max_items_per_request: _builtins.int = ...,
+        precision: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["image_shape", b"image_shape", "latent_size", b"latent_size", "max_items_per_request", b"max_items_per_request", "metrics", b"metrics", "name", b"name", "providers", b"providers", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image_shape", b"image_shape", "latent_size", b"latent_size", "max_items_per_request", b"max_items_per_request", "metrics", b"metrics", "name", b"name", "precision", b"precision", "providers", b"providers", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

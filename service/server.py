@@ -179,11 +179,13 @@ async def _set_health(health: HealthServicer, status: int) -> None:
         await health.set(name, status)
 
 
-class DaemonThreads(concurrent.futures.Executor):
+class DaemonThreads(concurrent.futures.ThreadPoolExecutor):
     """The event loop's default executor (`asyncio.to_thread`: model loading and hashing on a
     reload, closing a version): one daemon thread per job, and `shutdown` never waits. The
     stock executor's threads are joined at exit, so a reload hashing a huge file kept the
-    process alive long after "stopped" (90 s and more, past any Kubernetes grace)."""
+    process alive long after "stopped" (90 s and more, past any Kubernetes grace). A
+    ThreadPoolExecutor only in name (asyncio's loop accepts nothing else): it never starts its
+    pool's threads."""
 
     def submit(  # type: ignore[override]
         self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any

@@ -154,7 +154,8 @@ def test_an_idle_server_with_open_streams_and_connections_leaves_after_its_drain
     assert "cut off" not in server.output()
 
 
-def test_a_reload_under_way_does_not_hold_the_exit(tiny_model: Path) -> None:
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+def test_a_reload_under_way_does_not_hold_the_exit(tiny_model: Path, event_loop: str) -> None:
     """A reload hashing a huge file kept the process alive 90 s and more after "stopped": the
     loader here sleeps ten minutes on every load after the first."""
     script = (
@@ -183,6 +184,7 @@ def test_a_reload_under_way_does_not_hold_the_exit(tiny_model: Path) -> None:
         "--port=0",
         "--metrics-port=-1",
         "--provider=cpu",
+        f"--event-loop={event_loop}",
     ]
     popen = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     lines: list[str] = []

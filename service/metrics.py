@@ -57,7 +57,10 @@ class Metrics:
             registry=r,
         )
         self.in_flight = Gauge(
-            "vae_requests_in_flight", "RPCs being handled right now.", registry=r
+            "vae_requests_in_flight",
+            "RPCs being handled right now, each until its reply has left (a reply a slow caller "
+            "has not taken still counts).",
+            registry=r,
         )
         self.images_generated = Counter(
             "vae_images_generated", "Images produced by Sample, Decode and Interpolate.", registry=r

@@ -223,6 +223,18 @@ def test_the_reliability_prose_quotes_its_duration(prose: str) -> None:
     assert f"its scenarios took {seconds:.0f} s together" in makefile
 
 
+def test_the_size_limit_prose_quotes_the_campaign(prose: str) -> None:
+    limits = load("reliability.json")["scenarios"]["limits"]
+    many = limits["concurrent_large_messages"]
+    quoted(
+        prose,
+        f"in the campaign, {many['at_once']} messages of {many['message_mb']:g} MB at once raised "
+        f"the peak RSS by {limits['peak_over_before_mb']:.0f} MB",
+    )
+    growth = limits["peak_over_before_mb"] / (many["at_once"] * many["message_mb"])
+    assert 2 <= growth <= 3  # "2 to 3 times their size"
+
+
 def test_the_quality_figures_are_quality_json(prose: str) -> None:
     q = load("quality.json")
     m, t = q["metrics"], q["training"]

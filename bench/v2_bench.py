@@ -190,6 +190,23 @@ def perf_analyzer(target: str, model: str, count: int, concurrency: int, args: A
     return result
 
 
+def table_rows(result: dict[str, Any]) -> list[str]:
+    """The README's rows of a bench/results/v2.json: images/s (p99 ms) for vae.v1, V2, the ratio,
+    perf_analyzer on vae-serve and on Triton."""
+
+    def cell(figures: dict[str, Any] | None) -> str:
+        if not figures or "images_per_s" not in figures:
+            return "-"
+        return f"{figures['images_per_s']:,.0f} ({figures['p99_ms']:.1f})"
+
+    return [
+        f"| {p['count']} x {p['concurrency']} | {cell(p['vae_v1_sample_uint8'])} | "
+        f"{cell(p['v2_modelinfer_image'])} | {p['v2_over_v1']:.2f} | {cell(p['perf_analyzer'])} | "
+        f"{cell(p.get('perf_analyzer_triton'))} |"
+        for p in result["points"]
+    ]
+
+
 def cpu() -> dict[str, Any]:
     text = Path("/proc/cpuinfo").read_text()
     model = next(

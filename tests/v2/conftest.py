@@ -10,9 +10,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-# The service harness and the reliability helpers live beside their own tests.
+# `bench` is not an installed package; the service harness and the reliability helpers live
+# beside their own tests: all importable under a bare `pytest` too.
 ROOT = Path(__file__).resolve().parents[2]
-for path in (ROOT / "tests" / "service", ROOT / "tests" / "reliability"):
+for path in (ROOT, ROOT / "tests" / "service", ROOT / "tests" / "reliability"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 

@@ -4,6 +4,7 @@ of `proto/inference/v2/grpc_predict_v2.proto`: the same port, model and batchers
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -363,3 +364,24 @@ def test_shared_queue_and_admission_with_vae_v1(tiny_model: object) -> None:
         )
         held_v1.cancel()
         held_v2.cancel()
+
+
+def test_v2_over_tls_like_vae_v1(tiny_model: object, tmp_path: Path) -> None:
+    """TLS on the port covers V2 too: a TLS client infers; a plaintext one is refused."""
+    from bench.certificates import make_pki
+
+    pki = make_pki(tmp_path)
+    settings = tiny_settings(tiny_model, tls_cert=pki.server_cert, tls_key=pki.server_key)  # type: ignore[arg-type]
+    with running(settings) as served:
+        target = f"localhost:{served.service.port}"  # the name the server's certificate holds
+        credentials = grpc.ssl_channel_credentials(root_certificates=pki.ca.read_bytes())
+        with grpc.secure_channel(target, credentials) as channel:
+            v2 = pb_grpc.GRPCInferenceServiceStub(channel)
+            reply = v2.ModelInfer(infer_request(DECODER, latents(2)), timeout=TIMEOUT)
+            assert raw_outputs(reply)["image"].shape == (2, 28, 28)
+        with grpc.insecure_channel(target) as plain:
+            with pytest.raises(grpc.RpcError) as refused:
+                pb_grpc.GRPCInferenceServiceStub(plain).ServerLive(
+                    pb.ServerLiveRequest(), timeout=TIMEOUT
+                )
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]

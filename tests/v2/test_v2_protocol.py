@@ -385,3 +385,30 @@ def test_v2_over_tls_like_vae_v1(tiny_model: object, tmp_path: Path) -> None:
                     pb.ServerLiveRequest(), timeout=TIMEOUT
                 )
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+
+
+def test_draining_is_not_ready_and_every_v2_call_is_served_through_the_drain(
+    tiny_model: object,
+) -> None:
+    """Once shutdown begins (health NOT_SERVING), V2 ServerReady and ModelReady say false while
+    calls are still served; a burst in flight when the stop begins all ends OK and counted."""
+    with running(tiny_settings(tiny_model)) as served:  # type: ignore[arg-type]
+        registry = served.service.metrics.registry
+        with open_channel(served.target) as channel:
+            v2 = pb_grpc.GRPCInferenceServiceStub(channel)
+            burst = infer_request(DECODER, latents(4096))
+            futures = [v2.ModelInfer.future(burst, timeout=120) for _ in range(16)]
+            wait_until(
+                lambda: (registry.get_sample_value("vae_requests_in_flight") or 0) > 0,
+                "calls in flight",
+            )
+            served.background.run(served.service.health.enter_graceful_shutdown())
+            assert not v2.ServerReady(pb.ServerReadyRequest(), timeout=TIMEOUT).ready
+            assert not v2.ModelReady(pb.ModelReadyRequest(name=DECODER), timeout=TIMEOUT).ready
+            assert v2.ServerLive(pb.ServerLiveRequest(), timeout=TIMEOUT).live
+            served.background.run(served.service.stop(grace=60, drain=10), timeout=120)
+            assert [f.code() for f in futures] == [grpc.StatusCode.OK] * 16
+    counted = registry.get_sample_value(
+        "vae_requests_total", {"method": "ModelInfer", "code": "OK"}
+    )
+    assert counted == 16

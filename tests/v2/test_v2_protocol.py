@@ -412,3 +412,23 @@ def test_draining_is_not_ready_and_every_v2_call_is_served_through_the_drain(
         "vae_requests_total", {"method": "ModelInfer", "code": "OK"}
     )
     assert counted == 16
+
+
+def test_a_v2_call_whose_deadline_passes_in_the_queue_is_never_computed(
+    tiny_model: object,
+) -> None:
+    settings = tiny_settings(tiny_model, max_queue_delay=60.0)  # type: ignore[arg-type]
+    with running(settings) as served, open_channel(served.target) as channel:
+        v2 = pb_grpc.GRPCInferenceServiceStub(channel)
+        runs = metric(served, "vae_batch_runs_total", queue="decoder")
+        late = refusal(v2.ModelInfer, infer_request(DECODER, latents(1)), timeout=0.5)
+        assert late.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+        wait_until(
+            lambda: (
+                metric(served, "vae_requests_total", method="ModelInfer", code="DEADLINE_EXCEEDED")
+                == 1
+            ),
+            "the server to count the expired call",
+        )
+        assert metric(served, "vae_batch_queue_rows", queue="decoder") == 0
+        assert metric(served, "vae_batch_runs_total", queue="decoder") == runs

@@ -345,7 +345,7 @@ class Service:
         self.health.end_watches()
         cut = await self._stop_server(grace, time.monotonic() - began)
         if cut:
-            log.warning("%d calls were cut off at the end of the grace period", cut)
+            log.warning("%d inference calls were cut off at the end of the grace period", cut)
         if self.watcher is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.watcher
@@ -376,7 +376,7 @@ class Service:
         """server.stop: gRPC refuses new calls; in-flight ones get `grace` seconds. Once no
         VaeService call is left for two looks in a row, what remains (idle connections, open
         streams) is cut at once; at the end of the grace period, everything is. Returns how
-        many VaeService calls the grace period cut off."""
+        many inference calls the grace period cut off."""
         interceptor = self.interceptor
         deadline = time.monotonic() + grace
         # gRPC's own grace ends later: the cut at `deadline` below is ours, counted first.
@@ -395,11 +395,12 @@ class Service:
             left = interceptor.service_calls
             idle_looks = idle_looks + 1 if left == 0 else 0
             if idle_looks >= 2 or time.monotonic() >= deadline:
+                cut = interceptor.inference_in_flight if left else 0
                 if left:
                     interceptor.mark_cut_off()
                 await self.server.stop(None)  # cancels what is left, closes every connection
                 await stopping
-                return left
+                return cut
         return 0
 
 

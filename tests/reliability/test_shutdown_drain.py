@@ -100,7 +100,7 @@ def test_calls_cut_at_the_end_of_the_grace_period_are_warned_and_counted(
         assert count("vae_requests_total", {"method": "Sample", "code": "CANCELLED"}) == 1
         assert count("vae_requests_in_flight") == 0
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert "1 calls were cut off at the end of the grace period" in warnings
+    assert "1 inference calls were cut off at the end of the grace period" in warnings
 
 
 @pytest.fixture

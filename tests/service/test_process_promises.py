@@ -82,11 +82,6 @@ def test_a_call_running_past_the_grace_period_is_cut_off(tiny_model: Path) -> No
     cut_off_at_the_grace_period(tiny_model)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Service.stop counts the calls still in flight only after server.stop(grace) has "
-    "returned, when gRPC has already ended them, so its 'cut off' warning never fires",
-)
 def test_the_cut_off_calls_are_logged(tiny_model: Path) -> None:
     server = cut_off_at_the_grace_period(tiny_model)
     assert "1 inference calls were cut off at the end of the grace period" in server.output()

@@ -155,7 +155,8 @@ v2-client: $(V2_CLIENT)/perf-libs
 
 $(V2_CLIENT)/perf-libs: $(V2_CLIENT)/.installed
 	rm -rf $@ $@.deb && mkdir -p $@.deb
-	cd $@.deb && apt-get download libb64-0d && dpkg -x libb64-0d_*.deb root
+	cd $@.deb && { apt-get download libb64-0d 2>/dev/null || { apt-get update -q >/dev/null \
+		&& apt-get download libb64-0d; }; } && dpkg -x libb64-0d_*.deb root
 	mkdir -p $@.tmp
 	cp -L $@.deb/root/usr/lib/*/libb64.so.0d $@.tmp/
 	ln -sf "$$(realpath $(V2_CLIENT)/lib/python3*/site-packages/nvidia/cuda_runtime/lib/libcudart.so.12)" \

@@ -68,6 +68,10 @@ class StartupError(Exception):
     """The server cannot start (e.g. its port is taken); the message says why."""
 
 
+def max_streams_per_connection(settings: Settings) -> int:
+    return max(256, 2 * settings.max_in_flight)
+
+
 def server_options(settings: Settings) -> list[tuple[str, Any]]:
     options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -78,6 +82,10 @@ def server_options(settings: Settings) -> list[tuple[str, Any]]:
         # request (then gRPC opens it for the whole message): with BDP probing on, a call the
         # server refuses unread could still push megabytes into its buffers first.
         ("grpc.http2.bdp_probe", 0),
+        # Streams one connection may hold open at once: health Watch and reflection streams are
+        # not admitted like inference calls, so this bounds what one peer can open of them.
+        # More than max_in_flight, so that the limit on inference still answers first.
+        ("grpc.max_concurrent_streams", max_streams_per_connection(settings)),
     ]
     if settings.max_connection_age > 0:
         options += [
@@ -119,7 +127,8 @@ def create_health_server(settings: Settings, health: HealthServicer) -> tuple[gr
     """A plaintext server of grpc.health.v1 alone on settings.health_port, sharing `health`
     with the main server: for kubelet gRPC probes, which cannot speak TLS, when the main port
     does. It tells nothing but SERVING or NOT_SERVING."""
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    options = [("grpc.so_reuseport", 0), ("grpc.max_concurrent_streams", 256)]
+    server = grpc.aio.server(options=options)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = f"{settings.host}:{settings.health_port}"
     try:

@@ -13,14 +13,18 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 from reliability_harness import metric, refusal, wait_until
 from service_harness import Served, open_channel, running, tiny_settings
 
 from bench.h2_peer import H2Peer
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
+from service.server import max_streams_per_connection
 
 SAMPLE = "/vae.v1.VaeService/Sample"
 DECODE = "/vae.v1.VaeService/Decode"
+WATCH = "/grpc.health.v1.Health/Watch"
+REFUSED_STREAM = 7  # the HTTP/2 error code
 BIG_SAMPLE = vae_pb2.SampleRequest(count=4096, seed=1).SerializeToString()  # 12.8 MB reply
 REPLY_BYTES = 4096 * 784 * 4
 DECLARED = 16 * 1024 * 1024 - 64  # a request as large as max_message_bytes allows
@@ -160,3 +164,15 @@ def test_uploads_beyond_max_receiving_wait_with_their_window_shut(tiny_model: Pa
         assert second.wait_for(lambda: waiting.ended, timeout=30)
         assert metric(served, "vae_stalled_calls_total", stage="request") == 2
         sample_ok(served)
+
+
+def test_one_connection_cannot_open_streams_without_bound(budgeted: Served) -> None:
+    """Health Watch streams are not admitted like inference calls: one connection opening
+    hundreds of them meets HTTP/2's stream limit (REFUSED_STREAM beyond it)."""
+    limit = max_streams_per_connection(budgeted.service.settings)
+    watch = health_pb2.HealthCheckRequest(service="").SerializeToString()
+    with H2Peer("127.0.0.1", budgeted.service.port) as peer:
+        streams = [peer.call(WATCH, watch) for _ in range(limit + 20)]
+        assert peer.wait_for(lambda: sum(s.reset == REFUSED_STREAM for s in streams) >= 20)
+        assert sum(s.reset is None for s in streams) == limit
+    sample_ok(budgeted)

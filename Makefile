@@ -54,9 +54,9 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# Quality on the full MNIST (not a test): 3.0-3.2 s an epoch on 2 idle cores, so the 1,000
-# epochs train in 50-53 minutes (83 on a busy day); the k=5000 evaluation of the 10,000 test
-# images takes ~12 more. Two torch threads assume free cores (BENCH_QUALITY_THREADS=1 on shared
+# Quality on the full MNIST (not a test): the 1,000 epochs trained in 4,978 s (a median 4.69 s
+# an epoch on a shared host) and the k=5000 evaluation of the 10,000 test images took 716 s
+# (bench/results/quality.json). Two torch threads assume free cores (BENCH_QUALITY_THREADS=1 on shared
 # ones: same results, bit for bit).
 BENCH_QUALITY_EPOCHS ?= 1000
 BENCH_QUALITY_THREADS ?= 2
@@ -78,10 +78,15 @@ BENCH_WARMUP ?= 1
 BENCH_PROFILE_DURATION ?= 15
 LATEST_MODEL = $$(ls -d $(MODEL_REPO)/$(MODEL_NAME)/*/ | sort -V | tail -1)
 
-.PHONY: bench bench-profile
+.PHONY: bench bench-profile bench-hot-path
 
 bench: model
 	$(PY) -m bench.run_bench $(LATEST_MODEL) --duration $(BENCH_DURATION) --warmup $(BENCH_WARMUP)
+
+# The hot path's per-call costs README quotes (PNG encoding, in-place replies, the allocator):
+# in process, about 30 s; bench/results/hot_path.json.
+bench-hot-path: install
+	$(PY) -m bench.hot_path
 
 # Where the server's time goes at Sample(1) and Sample(1024): py-spy, bench/results/profile.md.
 bench-profile: model

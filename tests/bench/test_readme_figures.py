@@ -300,3 +300,19 @@ def test_deploy_readme_memory_figures_are_the_results_files() -> None:
         f"{campaign['limits']['concurrent_large_messages']['message_mb']:g} MB requests, "
         f"{campaign['limits']['concurrent_large_messages']['rounds']} times over",
     )
+
+
+def test_the_hot_path_figures_are_hot_path_json(prose: str) -> None:
+    hot = load("hot_path.json")
+    reply, serialized = hot["reply_1024_float32_ms"], hot["reply_1024_float32_serialized_ms"]
+    allocator = (
+        f"took {serialized['glibc_default']:.1f} ms instead of "
+        f"{serialized['malloc_thresholds']:.2f} ms"
+    )
+    quoted(
+        prose,
+        f"{hot['png_encode_us_per_image']:.0f} us an image to encode",
+        f"that cost {reply['constructor_extra']:.2f} ms more a call",
+        allocator,
+    )
+    assert prose.count(allocator) == 2

@@ -95,8 +95,12 @@ bench-profile: model
 # The README's pictures of the latent space (docs/explore/*.png): serves the default model on a
 # free loopback port, runs the vae-client exploration commands against it, then stops it.
 .PHONY: explore
+# The commands and their summaries go to docs/explore/summary.txt, which the README quotes.
 explore: model
-	$(PY) -m service.gallery --model-repo $(MODEL_REPO) --model-name $(MODEL_NAME) --out docs/explore
+	$(PY) -m service.gallery --model-repo $(MODEL_REPO) --model-name $(MODEL_NAME) \
+		--out docs/explore > docs/explore/summary.log
+	sed -e 's|$(CURDIR)/||' -e '/^vae-serve on /d' docs/explore/summary.log > docs/explore/summary.txt
+	rm docs/explore/summary.log && cat docs/explore/summary.txt
 
 # ---- Reliability (bench/reliability.py; README "Reliability and security") ----
 # The long runs behind the reliability tests: thousands of fuzz cases, open-loop overload at

@@ -316,3 +316,31 @@ def test_the_hot_path_figures_are_hot_path_json(prose: str) -> None:
         allocator,
     )
     assert prose.count(allocator) == 2
+
+
+def test_the_exploration_figures_are_make_explores_summary(readme: str, prose: str) -> None:
+    """README's latent-space prose and score table against docs/explore/summary.txt, the log
+    `make explore` writes beside the pictures."""
+    summary = (ROOT / "docs" / "explore" / "summary.txt").read_text()
+    linear = re.search(r"latent norm ([\d.]+) -> ([\d.]+), from ([\d.]+) to ([\d.]+)", summary)
+    assert linear is not None
+    start, end, low, _ = (float(x) for x in linear.groups())
+    ink = {
+        float(row[0]): (float(row[1]), float(row[2]))
+        for row in re.findall(r"^\s+([+-][\d.]+)\s+([\d.]+)\s+([+-][\d.]+)$", summary, re.M)[:6]
+    }
+    steps = [float(x) for x in re.findall(r"^z\[\d+\]\s+[+-][\d.]+\s+([\d.]+)$", summary, re.M)]
+    quoted(
+        prose,
+        f"|z| from {start:.1f} down to {low:.1f} and back up to {end:.1f}",
+        f"between the endpoints' ({end:.1f} to {start:.1f})",
+        "(996 each)" if "(996 images); group B: thin strokes (996 images)" in summary else "?",
+        f"mean grey level {ink[-1.0][0]:.1f} at strength -1, {ink[0.0][0]:.1f} at 0, "
+        f"{ink[1.5][0]:.1f} at +1.5",
+        f"finds {ink[1.0][1]:.2f} of the vector still there at strength 1",
+        f"({min(steps):.3f} to {max(steps):.3f} for these rows",
+    )
+    table = re.search(r"^threshold: .*?(?=^\d+ of \d+ above the threshold$)", summary, re.M | re.S)
+    assert table is not None
+    for line in table.group(0).splitlines():  # the README shows it as a code block
+        assert f"    {line}\n" in readme, f"the README's score table lacks: {line!r}"

@@ -105,7 +105,7 @@ explore: model
 # ---- Reliability (bench/reliability.py; README "Reliability and security") ----
 # The long runs behind the reliability tests: thousands of fuzz cases, open-loop overload at
 # 4x capacity, SIGTERM and SIGKILL under load, model reloads under load, TLS faults and a
-# 3-minute soak, against real vae-serve processes (its scenarios took 315 s together in the
+# 3-minute soak, against real vae-serve processes (its scenarios took 292 s together in the
 # last run, their wall_seconds), results in bench/results/reliability.json.
 # E.g. RELIABILITY_ARGS="--only fuzz,soak --soak-seconds 60".
 RELIABILITY_ARGS ?=

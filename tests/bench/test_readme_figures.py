@@ -344,3 +344,22 @@ def test_the_exploration_figures_are_make_explores_summary(readme: str, prose: s
     assert table is not None
     for line in table.group(0).splitlines():  # the README shows it as a code block
         assert f"    {line}\n" in readme, f"the README's score table lacks: {line!r}"
+
+
+def test_deploy_readme_image_table_is_image_json() -> None:
+    """The table `make image-test`'s figures fill in deploy/README.md (the CI run rewrites
+    image.json after the tests; a committed change must bring the table along)."""
+    text = (ROOT / "deploy" / "README.md").read_text()
+    image = load("image.json")
+    memory = image["memory_after_20_sample_1024"]
+    starts = " / ".join(f"{s:.2f}" for s in image["start_to_serving_seconds"])
+    stop = image["stop_under_load"]
+    for row in (
+        f"| image `{image['image']}` (CPU, model baked, {image['python']}) | "
+        f"{image['image_bytes'] / 1e6:.0f} MB |",
+        f"| `podman run` to SERVING (3 starts) | {starts} s |",
+        f"(VmRSS / VmHWM) | {memory['VmRSS'] / 1e6:.0f} / {memory['VmHWM'] / 1e6:.0f} MB |",
+        f"| `podman stop` with {stop['in_flight_at_sigterm']} calls in flight",
+        f"| {stop['stop_seconds']:.2f} s, exit 0 |",
+    ):
+        assert row in text, f"deploy/README.md does not say: {row!r}"

@@ -2,6 +2,12 @@
 
     .venv/bin/python -m bench.serve_ab models/mnist-vae/1 --concurrency 1,4,32,64 \\
         on= off=--no-batching fixed=--max-queue-delay=0.002
+    .venv/bin/python -m bench.serve_ab models/mnist-vae/1 before@e67ccaf= now= \\
+        --out bench/results/some_ab.json       # the same flags at two commits
+
+A configuration NAME@COMMIT= runs the code of that commit (`git archive`d to a scratch folder
+and put first on PYTHONPATH, with this checkout's venv), so a change is measured against its
+parent on the same machine in the same run.
 
 Each configuration (NAME=FLAGS, flags comma-separated) is a `vae-serve` pinned to
 `--server-cpus`; all are started at once (an idle one costs nothing) and loaded in turn by this
@@ -17,23 +23,40 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 from contextlib import ExitStack
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.hot_path import cpu
 from bench.run_bench import Load, cpu_list, run_point
 from bench.servers import BenchServer, model_flags
+
+
+def code_at(commit: str, scratch: Path) -> Path:
+    """This repository's files at `commit`, in a folder of `scratch`."""
+    folder = scratch / f"code-{commit}"
+    folder.mkdir()
+    archive = subprocess.run(["git", "archive", commit], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    return folder
 
 
 def start(args: argparse.Namespace, logs: Path, stack: ExitStack) -> dict[str, BenchServer]:
     model = model_flags(args.version_dir)
     servers = {}
     for spec in args.configs:
-        name, _, flags = spec.partition("=")
+        label, _, flags = spec.partition("=")
+        name, _, commit = label.partition("@")
         extra = [flag for flag in flags.split(",") if flag]
+        env = dict(os.environ)
+        if commit:
+            env["PYTHONPATH"] = str(code_at(commit, logs))
         server = BenchServer.start_vae_serve(
-            name, args.server_cpus, logs / f"{name}.log", dict(os.environ), [*model, *extra]
+            name, args.server_cpus, logs / f"{name}.log", env, [*model, *extra]
         )
         stack.callback(server.stop)
         servers[name] = server
@@ -70,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds a point")
     parser.add_argument("--server-cpus", default="0", help="taskset list for the servers")
     parser.add_argument("--client-cpus", default="1", help="taskset list for the load")
+    parser.add_argument("--out", type=Path, help="also write the points and the table as JSON")
     args = parser.parse_args(argv)
     os.sched_setaffinity(0, set(cpu_list(args.client_cpus)))
     latent_size = int(json.loads((args.version_dir / "manifest.json").read_text())["latent_size"])
@@ -82,8 +106,21 @@ def main(argv: list[str] | None = None) -> None:
                 for name, server in servers.items():
                     point = run_point(server, load, args, latent_size)
                     points.setdefault((concurrency, name), []).append(point)
+    summary = table(points, first=next(iter(servers)))
     print()
-    print(table(points, first=next(iter(servers))))
+    print(summary)
+    if args.out is not None:
+        results = {
+            "command": " ".join(["python -m bench.serve_ab", *(argv or sys.argv[1:])]),
+            "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "commit": subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+            ).stdout.strip(),
+            "cpu": cpu(),
+            "table": summary.splitlines(),
+            "points": [p for runs in points.values() for p in runs],
+        }
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -363,3 +363,19 @@ def test_deploy_readme_image_table_is_image_json() -> None:
         f"| {stop['stop_seconds']:.2f} s, exit 0 |",
     ):
         assert row in text, f"deploy/README.md does not say: {row!r}"
+
+
+def test_the_hardening_cost_is_its_side_by_side_runs(prose: str) -> None:
+    def ratio(name: str, concurrency: int) -> str:
+        table = load(name)["table"]
+        line = next(row for row in table if row.startswith(f"x{concurrency:<3} now"))
+        found = re.search(r"/ before: ([\d.]+)", line)
+        assert found is not None
+        return found.group(1)
+
+    one, many = ratio("hardening_ab_count1.json", 1), ratio("hardening_ab_count1.json", 32)
+    quoted(
+        prose,
+        f"answers {one} as many Sample(1) calls a second at 1 in flight, {many} at 32 in flight "
+        f"and {ratio('hardening_ab_count64.json', 8)} as many Sample(64) at 8",
+    )

@@ -379,3 +379,22 @@ def test_the_hardening_cost_is_its_side_by_side_runs(prose: str) -> None:
         f"answers {one} as many Sample(1) calls a second at 1 in flight, {many} at 32 in flight "
         f"and {ratio('hardening_ab_count64.json', 8)} as many Sample(64) at 8",
     )
+
+
+def test_the_precision_figures_are_their_side_by_side_runs(prose: str) -> None:
+    def figures(name: str, config: str) -> tuple[str, str]:
+        line = next(r for r in load(name)["table"] if re.match(rf"x\d+\s+{config}\b", r))
+        ratio = re.search(r"/ fp32: ([\d.]+)", line)
+        p99 = re.search(r"p99\s+([\d.]+) ms", line)
+        assert ratio is not None and p99 is not None
+        return ratio.group(1), p99.group(1)
+
+    big, big_p99 = figures("precision_ab_count1024.json", "int8")
+    small, small_p99 = figures("precision_ab_count64.json", "int8")
+    quoted(
+        prose,
+        f"int8 answers {big} times as many Sample(1024, uint8) calls as fp32 at 8 in flight (p99 "
+        f"{big_p99} ms against {figures('precision_ab_count1024.json', 'fp32')[1]} ms)",
+        f"and {small} times as many Sample(64, uint8) (p99 {small_p99} ms against "
+        f"{figures('precision_ab_count64.json', 'fp32')[1]} ms)",
+    )

@@ -21,10 +21,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.client import VaeClient, channel_options, sample_request
 from service.proto.vae.v1 import vae_pb2_grpc
-from tests.image.container import REPO, SERVICE, Container, podman
+from tests.image.container import REPO, SERVICE, STOP_TIMEOUT, Container, podman
 
 RunContainer = Callable[..., Container]
 MAX_LOAD_SECONDS = 120.0  # bounds on every load below, whatever happens to the orchestration
+ENDPOINT_LAG = 1.0  # seconds callers go on sending to a pod after its SIGTERM
 
 
 def json_log_records(container: Container) -> list[dict[str, object]]:
@@ -207,22 +208,33 @@ class Load:
 def test_stop_under_load_finishes_every_call_in_flight_and_exits_0(
     images: tuple[str, str], run_container: RunContainer, figures: dict[str, Any]
 ) -> None:
+    """`podman stop` (SIGTERM) with 8 callers of Sample(1024) in flight, as a pod is stopped in
+    a cluster: the callers go on sending for ENDPOINT_LAG seconds after the signal (the time
+    the endpoint removal takes to reach them), then send no more. The server drains: every call
+    it received, in flight at SIGTERM or sent during the lag, is answered OK; it exits 0 once
+    the calls stop arriving. (A caller that never stops sending meets gRPC core's race at the
+    drain's end, grpc/grpc#41785: the rolling update below, whose client retries, covers it.)"""
     baked, _ = images
     container = run_container(baked).wait_serving()
+    stopped: dict[str, tuple[int, float]] = {}
+    stopping = threading.Thread(target=lambda: stopped.update(result=container.stop()))
     with Load(container.target, callers=8, count=1024, retries=False) as load:
         load.wait_calls(16)
         in_flight = load.mark()
-        code, seconds = container.stop()
+        stopping.start()
+        time.sleep(ENDPOINT_LAG)
+        load.stopping.set()
+        stopping.join(STOP_TIMEOUT + 30)
+    code, seconds = stopped["result"]
     assert code == 0, container.logs()[-2000:]
     assert in_flight >= 4, "the load should keep calls in flight at SIGTERM"
-    # Every call in flight at SIGTERM finished; a call sent after the server closed its port may
-    # be refused (UNAVAILABLE, never started), and nothing else.
     assert load.marked_codes == Counter(OK=in_flight), load.marked_codes
-    assert set(load.codes) <= {"OK", "UNAVAILABLE"}, load.codes
+    assert set(load.codes) == {"OK"}, load.codes  # those sent during the lag as well
     records = json_log_records(container)
     assert not [r for r in records if r["level"] in ("ERROR", "CRITICAL")]
     figures["stop_under_load"] = {
         "in_flight_at_sigterm": in_flight,
+        "endpoint_lag_seconds": ENDPOINT_LAG,
         "calls": dict(load.codes),
         "stop_seconds": round(seconds, 2),
     }

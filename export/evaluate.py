@@ -16,11 +16,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from export.data import IMAGE_SHAPE, Dataset, binarized_test_set
+from export.checkpoint import (
+    CheckpointError,
+    dataset_from_checkpoint,
+    load_checkpoint,
+    model_from_checkpoint,
+    training_summary,
+)
+from export.data import binarized_test_set
 from export.model import (
     VAE,
     gaussian_kl,
@@ -71,85 +77,6 @@ def evaluate(
     }
 
 
-# ---------------------------------------------------------------------------- pictures
-
-
-def tile(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """[rows * cols, 784] in [0, 1] -> one image with a 1-pixel light gap between digits."""
-    h, w = IMAGE_SHAPE
-    grid = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1), 0.5, dtype=np.float32)
-    for i, image in enumerate(images[: rows * cols]):
-        r, c = divmod(i, cols)
-        grid[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = image.reshape(h, w)
-    return grid
-
-
-@torch.no_grad()
-def write_pictures(
-    model: VAE, dataset: Dataset, history: dict[str, list[float]], out: Path
-) -> list[Path]:
-    """reconstructions.png, samples.png, loss.png (and manifold.png for a 2-D latent)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    model.eval()
-    generator = torch.Generator().manual_seed(0)
-    paths = []
-
-    def save(fig: Any, name: str) -> None:
-        fig.savefig(out / name, dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(out / name)
-
-    originals = dataset.test.images[:64].astype(np.float32) / 255
-    mean, _ = model.encoder(torch.from_numpy(originals))
-    reconstructions = torch.sigmoid(model.decoder(mean)).numpy()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 5.4))
-    for ax, images, title in zip(
-        axes,
-        (originals, reconstructions),
-        ("test images", "reconstructions (decoder of mean)"),
-        strict=True,
-    ):
-        ax.imshow(tile(images, 8, 8), cmap="gray", vmin=0, vmax=1)
-        ax.set_title(title)
-        ax.axis("off")
-    save(fig, "reconstructions.png")
-
-    z = torch.randn((100, model.config.latent_size), generator=generator)
-    fig, ax = plt.subplots(figsize=(6, 6.3))
-    ax.imshow(tile(torch.sigmoid(model.decoder(z)).numpy(), 10, 10), cmap="gray", vmin=0, vmax=1)
-    ax.set_title("samples from the prior (Bernoulli means)")
-    ax.axis("off")
-    save(fig, "samples.png")
-
-    if model.config.latent_size == 2:  # Kingma & Welling's figure: decode a grid of quantiles
-        q = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, 20))
-        grid = torch.stack(torch.meshgrid(q, -q, indexing="xy"), dim=-1).reshape(-1, 2)
-        fig, ax = plt.subplots(figsize=(8, 8.3))
-        ax.imshow(tile(torch.sigmoid(model.decoder(grid)).numpy(), 20, 20), cmap="gray")
-        ax.set_title("the 2-D latent manifold (decoded Gaussian quantiles)")
-        ax.axis("off")
-        save(fig, "manifold.png")
-
-    if history.get("train_loss"):
-        epochs = np.arange(1, len(history["train_loss"]) + 1)
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        ax.plot(epochs, history["train_loss"], label="train (dynamically binarized)")
-        ax.plot(epochs, history["val_loss"], label="validation (fixed binarization)")
-        values = np.concatenate([history["train_loss"], history["val_loss"]])
-        top = np.percentile(values[len(values) // 10 :], 95) if len(values) > 10 else values.max()
-        ax.set_ylim(values.min() - 2, top + 2)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("negative ELBO (nats per image)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        save(fig, "loss.png")
-    return paths
-
-
 # ---------------------------------------------------------------------------- command line
 
 
@@ -157,13 +84,6 @@ def evaluate_checkpoint(
     checkpoint: Path, k: int, data_dir: Path | None = None, seed: int = 0
 ) -> dict[str, Any]:
     """Load a checkpoint and its data, evaluate, and say how the model was trained."""
-    from export.train import (  # the checkpoint format lives beside the code that writes it
-        dataset_from_checkpoint,
-        load_checkpoint,
-        model_from_checkpoint,
-        training_summary,
-    )
-
     state = load_checkpoint(checkpoint)
     model = model_from_checkpoint(state)
     dataset = dataset_from_checkpoint(state, data_dir)
@@ -195,7 +115,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = evaluate_checkpoint(args.checkpoint, args.k, args.data_dir, args.seed)
+    try:
+        results = evaluate_checkpoint(args.checkpoint, args.k, args.data_dir, args.seed)
+    except CheckpointError as e:
+        raise SystemExit(f"vae-evaluate: {e}") from None
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:

@@ -225,14 +225,15 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     import json
 
-    from export.data import binarized_test_set
-    from export.evaluate import evaluate
-    from export.train import (
+    from export.checkpoint import (
+        CheckpointError,
         dataset_from_checkpoint,
         load_checkpoint,
         model_from_checkpoint,
         training_summary,
     )
+    from export.data import binarized_test_set
+    from export.evaluate import evaluate
 
     p = argparse.ArgumentParser(prog="vae-export", description=main.__doc__)
     p.add_argument("--checkpoint", type=Path, required=True, help="best.pt from vae-train")
@@ -251,40 +252,42 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    state = load_checkpoint(args.checkpoint)
-    model = model_from_checkpoint(state)
-    dataset = dataset_from_checkpoint(state, args.data_dir)
-    if args.metrics:
-        metrics = json.loads(args.metrics.read_text())["metrics"]
-    else:
-        x = torch.from_numpy(binarized_test_set(dataset))
-        print(f"evaluating on {len(x)} test images with k={args.k}", flush=True)
-        metrics = evaluate(model, x, args.k)
-    n = max(PARITY_BATCH_SIZES)
-    parity_images = (
-        torch.from_numpy(dataset.test.images[:n]).float() / 255 if len(dataset.test) >= n else None
-    )
-    path = export_version(
-        model,
-        args.model_repo,
-        args.name,
-        version=args.version,
-        parity_images=parity_images,
-        parity_images_source=f"the first {n} test images ({dataset.description['source']})",
-        training={**training_summary(state), "checkpoint": str(args.checkpoint)},
-        metrics=metrics,
-        variant_images=None
-        if args.no_variants
-        else (flat_images(dataset.train.images), flat_images(dataset.test.images)),
-    )
-    manifest = load_verified(path)
-    print(
-        f"exported {path}: parity {manifest.parity}, test negative ELBO "
-        f"{metrics['negative_elbo']:.2f}, -log p(x) ~ {metrics['iw_nll']:.2f} nats "
-        f"(k={int(metrics['iw_k'])}), {int(metrics['active_units'])} active units; "
-        f"precisions {', '.join(manifest.precisions())}",
-        flush=True,
-    )
+    try:
+        state = load_checkpoint(args.checkpoint)
+        model = model_from_checkpoint(state)
+        dataset = dataset_from_checkpoint(state, args.data_dir)
+        if args.metrics:
+            metrics = json.loads(args.metrics.read_text())["metrics"]
+        else:
+            x = torch.from_numpy(binarized_test_set(dataset))
+            print(f"evaluating on {len(x)} test images with k={args.k}", flush=True)
+            metrics = evaluate(model, x, args.k)
+        n = max(PARITY_BATCH_SIZES)
+        enough = len(dataset.test) >= n
+        parity_images = torch.from_numpy(dataset.test.images[:n]).float() / 255 if enough else None
+        path = export_version(
+            model,
+            args.model_repo,
+            args.name,
+            version=args.version,
+            parity_images=parity_images,
+            parity_images_source=f"the first {n} test images ({dataset.description['source']})",
+            training={**training_summary(state), "checkpoint": str(args.checkpoint)},
+            metrics=metrics,
+            variant_images=None
+            if args.no_variants
+            else (flat_images(dataset.train.images), flat_images(dataset.test.images)),
+        )
+        manifest = load_verified(path)
+        print(
+            f"exported {path}: parity {manifest.parity}, test negative ELBO "
+            f"{metrics['negative_elbo']:.2f}, -log p(x) ~ {metrics['iw_nll']:.2f} nats "
+            f"(k={int(metrics['iw_k'])}), {int(metrics['active_units'])} active units; "
+            f"precisions {', '.join(manifest.precisions())}",
+            flush=True,
+        )
+    except (CheckpointError, ModelError) as e:
+        raise SystemExit(f"vae-export: {e}") from None
 
 
 if __name__ == "__main__":

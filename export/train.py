@@ -1,6 +1,7 @@
 """Train the VAE on the negative ELBO: `vae-train` (or `python -m export.train`).
 
-Reads top to bottom: settings, checkpoints, one epoch, the loop, the command line. Training
+Reads top to bottom: settings, one epoch, the loop, the command line (the checkpoint format is
+`export/checkpoint.py`, the pictures `export/pictures.py`). Training
 uses dynamic binarization (every image is redrawn as Bernoulli(intensity) each time it is
 used); validation uses one fixed binarization, so its ELBO is comparable epoch to epoch. The
 run is deterministic for a seed, including across a resume: the checkpoint carries the RNG
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -21,12 +21,23 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from export.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+    training_summary,
+)
 from export.data import DataError, Dataset, binarize, load_dataset
 from export.model import ACTIVATIONS, VAE, VAEConfig, negative_elbo
 
-CHECKPOINT_FORMAT = 1
 SAVE_SECONDS = 30.0  # write last.pt and best.pt at least this often, and after the last epoch
 VALIDATION_BINARIZATION_SEED = 1
+
+
+class TrainingError(Exception):
+    """A run that cannot go on as asked (a resume from a missing or incompatible checkpoint)."""
 
 
 @dataclass(frozen=True)
@@ -54,45 +65,6 @@ class TrainSettings:
         return min((epoch + step) / self.kl_warmup_epochs, 1.0)
 
 
-# ---------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Plain tensors, dicts, lists, numbers and strings only, written atomically."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load with weights_only=True (no foreign pickles) and check it is one of ours."""
-    if not Path(path).is_file():
-        raise SystemExit(f"{path}: no such checkpoint")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"{path}: not a loadable checkpoint: {e}") from e
-    required = {"format", "config", "model", "epoch", "history", "data", "settings"}
-    if not isinstance(state, dict) or not required <= set(state):
-        raise SystemExit(f"{path}: not a vae-train checkpoint (it needs {sorted(required)})")
-    return state
-
-
-def model_from_checkpoint(state: dict[str, Any]) -> VAE:
-    model = VAE(VAEConfig.from_dict(state["config"]))
-    model.load_state_dict(state["model"])
-    return model.eval()
-
-
-def dataset_from_checkpoint(state: dict[str, Any], data_dir: Path | None = None) -> Dataset:
-    """The data the checkpoint was trained on (or `data_dir`, if given)."""
-    recorded = state["data"].get("data_dir")
-    try:
-        return load_dataset(data_dir or (Path(recorded) if recorded else None))
-    except DataError as e:
-        raise SystemExit(f"{e}\n(the checkpoint was trained on {state['data']['source']})") from e
-
-
 def data_record(dataset: Dataset, data_dir: Path | None) -> dict[str, Any]:
     return {**dataset.description, "data_dir": str(data_dir.resolve()) if data_dir else None}
 
@@ -115,7 +87,7 @@ def check_compatible(
             was, now = state["data"].get(key), data.get(key)
             problems.append(f"data {key}: checkpoint has {was!r}, asked for {now!r}")
     if problems:
-        raise SystemExit(
+        raise TrainingError(
             "cannot resume: the checkpoint is from an incompatible run:\n  "
             + "\n  ".join(problems)
             + "\n(drop --resume, or choose another --out, to start a new run)"
@@ -215,7 +187,7 @@ def train(
     last_path, best_path = out / "last.pt", out / "best.pt"
     if resume:
         if not last_path.is_file():
-            raise SystemExit(f"cannot resume: {last_path} does not exist")
+            raise TrainingError(f"cannot resume: {last_path} does not exist")
         saved = load_checkpoint(last_path)
         check_compatible(saved, config, settings, data)
         model.load_state_dict(saved["model"])
@@ -289,7 +261,7 @@ def train(
         )
 
     if state and state["epoch"] == settings.epochs:
-        from export.evaluate import write_pictures  # matplotlib only when pictures are due
+        from export.pictures import write_pictures  # matplotlib only when pictures are due
 
         best_state = load_checkpoint(best_path)
         pictures = write_pictures(model_from_checkpoint(best_state), dataset, history, out)
@@ -302,23 +274,6 @@ def train(
             flush=True,
         )
     return state
-
-
-def training_summary(state: dict[str, Any]) -> dict[str, Any]:
-    """What a manifest or a results file should say about how a checkpoint was trained."""
-    history = state["history"]
-    val = history.get("val_loss", [])
-    seconds = history.get("train_seconds", [])
-    return {
-        "data": state["data"],
-        "settings": state["settings"],
-        "epochs_trained": len(val),
-        "best_epoch": int(np.argmin(val)) + 1 if val else 0,
-        "best_validation_negative_elbo": min(val) if val else math.nan,
-        "seconds_per_epoch": float(np.median(seconds)) if seconds else math.nan,  # load spikes
-        "training_seconds": float(np.sum(history.get("seconds", []))),
-        "torch_version": state.get("torch_version", ""),
-    }
 
 
 # ---------------------------------------------------------------------------- command line
@@ -354,7 +309,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     base_settings, base_config = TrainSettings(), VAEConfig()
     if args.resume and (args.out / "last.pt").is_file():
-        saved = load_checkpoint(args.out / "last.pt")  # unspecified flags keep the run's values
+        try:
+            saved = load_checkpoint(args.out / "last.pt")  # unspecified flags keep the run's
+        except CheckpointError as e:
+            raise SystemExit(f"vae-train: {e}") from None
         base_settings = TrainSettings(**saved["settings"])
         base_config = VAEConfig.from_dict(saved["config"])
     settings = replace(
@@ -375,9 +333,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     try:
         dataset = load_dataset(args.data_dir)
-    except DataError as e:
-        raise SystemExit(str(e)) from e
-    train(settings, config, dataset, args.out, data_dir=args.data_dir, resume=args.resume)
+        train(settings, config, dataset, args.out, data_dir=args.data_dir, resume=args.resume)
+    except (DataError, CheckpointError, TrainingError) as e:
+        raise SystemExit(f"vae-train: {e}") from None
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
+from export.checkpoint import model_from_checkpoint
 from export.manifest import load_verified
 from export.onnx_export import export_version
-from export.train import model_from_checkpoint
 
 
 def test_a_version_folder_is_readable_by_any_user_under_the_usual_umask(

@@ -63,3 +63,17 @@ def test_train_evaluate_export(tmp_path: Path) -> None:
     assert manifest.training["settings"]["epochs"] == 2
     assert manifest.training["settings"]["batch_size"] == 256
     assert manifest.parity_check["encoder_inputs"].startswith("the first 257 test images")
+
+
+@pytest.mark.parametrize("module", ["export.train", "export.evaluate", "export.onnx_export"])
+def test_a_missing_checkpoint_is_one_line_not_a_traceback(module: str, tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.pt"
+    flags = ["--resume", "--out", str(tmp_path)] if module == "export.train" else []
+    if module != "export.train":
+        flags = ["--checkpoint", str(missing)]
+    else:
+        (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
+    result = run(module, *flags, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "checkpoint" in line, line

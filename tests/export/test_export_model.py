@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 
+from export.checkpoint import model_from_checkpoint
 from export.data import Dataset, binarized_test_set
 from export.model import (
     VAE,
@@ -20,7 +21,6 @@ from export.model import (
     negative_elbo,
     reconstruction_nll,
 )
-from export.train import model_from_checkpoint
 
 
 def test_kl_closed_form_matches_monte_carlo() -> None:

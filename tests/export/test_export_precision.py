@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
+from export.checkpoint import model_from_checkpoint
 from export.data import Dataset
 from export.manifest import ModelError, load_verified, open_version
 from export.onnx_export import export_version, flat_images
@@ -20,7 +21,6 @@ from export.precision import (
     VariantRefused,
     quality_gate,
 )
-from export.train import model_from_checkpoint
 
 
 @pytest.fixture(scope="module")

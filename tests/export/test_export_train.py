@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 import torch
 
+from export.checkpoint import load_checkpoint, training_summary
 from export.data import Dataset
 from export.model import VAEConfig
-from export.train import TrainSettings, load_checkpoint, train, training_summary
+from export.train import TrainingError, TrainSettings, train
 
 
 def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -72,9 +73,9 @@ def test_incompatible_resume_is_refused(
 ) -> None:
     train(quick, tiny_config, small_dataset, tmp_path, stop_after=1)
     other = replace(tiny_config, latent_size=8)
-    with pytest.raises(SystemExit, match=r"incompatible run:\n  model config: .*latent_size=4"):
+    with pytest.raises(TrainingError, match=r"incompatible run:\n  model config: .*latent_size=4"):
         train(quick, other, small_dataset, tmp_path, resume=True)
-    with pytest.raises(SystemExit, match="batch_size: checkpoint has 50, asked for 64"):
+    with pytest.raises(TrainingError, match="batch_size: checkpoint has 50, asked for 64"):
         train(replace(quick, batch_size=64), tiny_config, small_dataset, tmp_path, resume=True)
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(TrainingError, match="does not exist"):
         train(quick, tiny_config, small_dataset, tmp_path / "empty", resume=True)

@@ -9,32 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from bench.machine import cpu
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "default_model.json"
-
-
-def cpu() -> dict[str, Any]:
-    """The CPU's model name and the vector flags that matter to ONNX Runtime and torch."""
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next(
-        (line.split(":", 1)[1].strip() for line in text.splitlines() if "model name" in line), ""
-    )
-    flags = set(
-        next(
-            (
-                line.split(":", 1)[1].split()
-                for line in text.splitlines()
-                if line.startswith("flags")
-            ),
-            [],
-        )
-    )
-    wanted = ("avx2", "avx512f", "avx512_vnni", "amx_tile")
-    return {"model_name": name, "flags": [f for f in wanted if f in flags], "cpus": os.cpu_count()}
 
 
 def figures(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,10 +23,10 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from bench.machine import cpu
 from bench.served_process import MALLOC_ENV
 from service import codec
 from service.proto.vae.v1 import vae_pb2
@@ -69,17 +68,6 @@ def allocator_child(seconds: float, rounds: int) -> None:
     print(json.dumps(per_call(lambda: reply_in_place(p), seconds, rounds) * 1e3))
 
 
-def cpu() -> dict[str, Any]:
-    model, flags = "", list[str]()
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = [x for x in line.split(":", 1)[1].split() if "avx" in x or "amx" in x]
-    return {"model": model, "simd_flags": flags, "cpus": os.cpu_count()}
-
-
 def git_commit() -> str:
     result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     return result.stdout.strip()
@@ -116,7 +104,6 @@ def main(argv: list[str] | None = None) -> None:
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "commit": git_commit(),
         "cpu": cpu(),
-        "python": platform.python_version(),
         "command": "make bench-hot-path",
         "png_encode_us_per_image": round(png / len(small) * 1e6, 1),
         "reply_1024_float32_ms": {

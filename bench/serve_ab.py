@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.hot_path import cpu
+from bench.machine import cpu
 from bench.run_bench import Load, cpu_list, run_point
 from bench.servers import BenchServer, model_flags
 

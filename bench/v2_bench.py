@@ -24,7 +24,6 @@ import asyncio
 import csv
 import json
 import os
-import platform
 import subprocess
 import tempfile
 import time
@@ -37,6 +36,7 @@ import numpy as np
 import uvloop
 
 from bench import v2_triton
+from bench.machine import cpu
 from bench.servers import BenchServer, model_flags
 from service.proto.inference.v2 import grpc_predict_v2_pb2 as pb
 from service.proto.inference.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -205,22 +205,6 @@ def table_rows(result: dict[str, Any]) -> list[str]:
         f"{cell(p.get('perf_analyzer_triton'))} |"
         for p in result["points"]
     ]
-
-
-def cpu() -> dict[str, Any]:
-    text = Path("/proc/cpuinfo").read_text()
-    model = next(
-        (ln.split(":", 1)[1].strip() for ln in text.splitlines() if "model name" in ln), ""
-    )
-    flags = next(
-        (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
-    )
-    return {
-        "model_name": model,
-        "avx_flags": sorted(f for f in flags if f.startswith(("avx", "amx"))),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-    }
 
 
 def main(argv: list[str] | None = None) -> None:

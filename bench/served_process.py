@@ -29,6 +29,30 @@ START_TIMEOUT = 120.0  # seconds; generous: the machine is shared
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "134217728"}
 
 
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(url: str) -> Samples:
+    """Every sample of a /metrics page, keyed by (name, sorted labels), parsed by
+    prometheus_client's own text-format parser."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def total(samples: Samples, name: str, /, **labels: str) -> float:
+    """The sum of the samples of `name` whose labels include `labels`."""
+    return sum(
+        value
+        for (sample, sample_labels), value in samples.items()
+        if sample == name and labels.items() <= dict(sample_labels).items()
+    )
+
+
 def vae_serve_command() -> list[str]:
     """The installed console script (`-m service` if it is not installed)."""
     script = Path(sys.executable).with_name("vae-serve")
@@ -107,20 +131,10 @@ class ServerProcess:
     def pid(self) -> int:
         return self.popen.pid
 
-    def metrics_text(self) -> str:
-        assert self.ports is not None, "not SERVING yet"
-        url = f"http://127.0.0.1:{self.ports[1]}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return str(response.read().decode())
-
     def metric(self, name: str, /, **labels: str) -> float:
         """The sum of the samples of `name` whose labels include `labels`."""
-        return sum(
-            s.value
-            for family in text_string_to_metric_families(self.metrics_text())
-            for s in family.samples
-            if s.name == name and labels.items() <= s.labels.items()
-        )
+        assert self.ports is not None, "not SERVING yet"
+        return total(scrape(f"http://127.0.0.1:{self.ports[1]}/metrics"), name, **labels)
 
     def rss_bytes(self) -> int:
         """Resident memory now (VmRSS of /proc/<pid>/status)."""

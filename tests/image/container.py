@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
+
+from bench.served_process import scrape, total
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICE = "vae.v1.VaeService"
@@ -69,22 +69,9 @@ class Container:
         result = podman("logs", self.name)
         return result.stdout + result.stderr
 
-    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            text = response.read().decode()
-        return {
-            (s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-        }
-
     def metric(self, name: str, /, **labels: str) -> float:
-        return sum(
-            value
-            for (sample, sample_labels), value in self.metrics().items()
-            if sample == name and labels.items() <= dict(sample_labels).items()
-        )
+        """The sum of the samples of `name` whose labels include `labels`."""
+        return total(scrape(f"http://127.0.0.1:{self.metrics_port}/metrics"), name, **labels)
 
     def stop(self) -> tuple[int, float]:
         """`podman stop` (SIGTERM, then SIGKILL after STOP_TIMEOUT): (exit code, seconds)."""

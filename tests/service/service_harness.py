@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import urllib.request
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,8 +13,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-from prometheus_client.parser import text_string_to_metric_families
 
+# The /metrics parser, re-exported for the tests that import it from here.
+from bench.served_process import Samples as Samples
+from bench.served_process import scrape as scrape
 from service.server import Service
 from service.settings import Settings
 
@@ -91,18 +92,3 @@ def open_channel(target: str) -> grpc.Channel:
             ("grpc.max_receive_message_length", MAX_MESSAGE),
         ],
     )
-
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def scrape(url: str) -> Samples:
-    """Every sample of the /metrics page, keyed by (name, sorted labels), parsed by
-    prometheus_client's own text-format parser."""
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }

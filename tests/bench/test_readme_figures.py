@@ -365,36 +365,34 @@ def test_deploy_readme_image_table_is_image_json() -> None:
         assert row in text, f"deploy/README.md does not say: {row!r}"
 
 
-def test_the_hardening_cost_is_its_side_by_side_runs(prose: str) -> None:
-    def ratio(name: str, concurrency: int) -> str:
-        table = load(name)["table"]
-        line = next(row for row in table if row.startswith(f"x{concurrency:<3} now"))
-        found = re.search(r"/ before: ([\d.]+)", line)
-        assert found is not None
-        return found.group(1)
+def side_by_side(name: str, config: str, concurrency: int) -> tuple[str, str]:
+    """(ratio to the first configuration, p99 ms) as `bench.serve_ab` printed them in its table,
+    for `config` at `concurrency` in flight."""
+    line = next(
+        row for row in load(name)["table"] if row.startswith(f"x{concurrency:<3} {config} ")
+    )
+    ratio, p99 = re.search(r"/ \S+: ([\d.]+)", line), re.search(r"p99\s+([\d.]+) ms", line)
+    assert ratio is not None and p99 is not None, line
+    return ratio.group(1), p99.group(1)
 
-    one, many = ratio("hardening_ab_count1.json", 1), ratio("hardening_ab_count1.json", 32)
+
+def test_the_hardening_cost_is_its_side_by_side_runs(prose: str) -> None:
+    one = side_by_side("hardening_ab_count1.json", "now", 1)[0]
+    many = side_by_side("hardening_ab_count1.json", "now", 32)[0]
     quoted(
         prose,
         f"answers {one} as many Sample(1) calls a second at 1 in flight, {many} at 32 in flight "
-        f"and {ratio('hardening_ab_count64.json', 8)} as many Sample(64) at 8",
+        f"and {side_by_side('hardening_ab_count64.json', 'now', 8)[0]} as many Sample(64) at 8",
     )
 
 
 def test_the_precision_figures_are_their_side_by_side_runs(prose: str) -> None:
-    def figures(name: str, config: str) -> tuple[str, str]:
-        line = next(r for r in load(name)["table"] if re.match(rf"x\d+\s+{config}\b", r))
-        ratio = re.search(r"/ fp32: ([\d.]+)", line)
-        p99 = re.search(r"p99\s+([\d.]+) ms", line)
-        assert ratio is not None and p99 is not None
-        return ratio.group(1), p99.group(1)
-
-    big, big_p99 = figures("precision_ab_count1024.json", "int8")
-    small, small_p99 = figures("precision_ab_count64.json", "int8")
+    big, big_p99 = side_by_side("precision_ab_count1024.json", "int8", 8)
+    small, small_p99 = side_by_side("precision_ab_count64.json", "int8", 8)
     quoted(
         prose,
         f"int8 answers {big} times as many Sample(1024, uint8) calls as fp32 at 8 in flight (p99 "
-        f"{big_p99} ms against {figures('precision_ab_count1024.json', 'fp32')[1]} ms)",
+        f"{big_p99} ms against {side_by_side('precision_ab_count1024.json', 'fp32', 8)[1]} ms)",
         f"and {small} times as many Sample(64, uint8) (p99 {small_p99} ms against "
-        f"{figures('precision_ab_count64.json', 'fp32')[1]} ms)",
+        f"{side_by_side('precision_ab_count64.json', 'fp32', 8)[1]} ms)",
     )

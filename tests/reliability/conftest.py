@@ -3,6 +3,7 @@ The long campaign is `make reliability` (bench/reliability.py)."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -16,6 +17,15 @@ for path in (ROOT, ROOT / "tests" / "service"):
         sys.path.insert(0, str(path))
 
 from bench.certificates import Pki, make_pki  # noqa: E402
+
+
+@pytest.fixture
+def repo(tiny_model: Path, tmp_path: Path) -> Path:
+    """A repository of the test's own holding version 1 of the tiny model (to add versions to,
+    or to damage)."""
+    target = tmp_path / "repo"
+    shutil.copytree(tiny_model.parent.parent, target)
+    return target
 
 
 @pytest.fixture(scope="session")

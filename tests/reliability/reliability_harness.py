@@ -11,6 +11,18 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service_harness import Served, scrape
 
+from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
+
+MODEL = "tiny-vae"  # the tiny model's name (tests/conftest.py), in a repository of the test's own
+POLL = 0.1  # seconds between polls of the repository
+WITH_LATENTS = vae_pb2.SampleRequest(count=1, seed=1, return_latents=True)
+
+
+def model_info(channel: grpc.Channel) -> vae_pb2.ModelInfo:
+    return vae_pb2_grpc.VaeServiceStub(channel).GetModelInfo(
+        vae_pb2.GetModelInfoRequest(), timeout=10
+    )
+
 
 def health(channel: grpc.Channel, service: str = "", timeout: float = 10.0) -> str:
     """The grpc.health.v1 status of `service`, by name (SERVING, NOT_SERVING, ...)."""

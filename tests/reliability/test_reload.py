@@ -21,7 +21,15 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from reliability_harness import code_of, metric, wait_until
+from reliability_harness import (
+    MODEL,
+    POLL,
+    WITH_LATENTS,
+    code_of,
+    metric,
+    model_info,
+    wait_until,
+)
 from service_harness import Served, open_channel, running, tiny_settings
 
 from bench.served_process import ServerProcess
@@ -29,18 +37,6 @@ from export.manifest import MANIFEST_FILE, sha256_of
 from export.model import VAE, VAEConfig
 from export.onnx_export import export_version
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
-
-MODEL = "tiny-vae"
-POLL = 0.1  # seconds between polls of the repository
-WITH_LATENTS = vae_pb2.SampleRequest(count=1, seed=1, return_latents=True)
-
-
-@pytest.fixture
-def repo(tiny_model: Path, tmp_path: Path) -> Path:
-    """A repository of our own holding version 1 of the tiny model."""
-    target = tmp_path / "repo"
-    shutil.copytree(tiny_model.parent.parent, target)
-    return target
 
 
 def export_latent_3(repo: Path) -> Path:
@@ -96,12 +92,6 @@ def fails_at_warm_up(directory: Path, manifest: dict) -> None:
     path = directory / "decoder.onnx"
     path.write_bytes(model.SerializeToString())
     manifest["decoder"]["sha256"] = sha256_of(path)
-
-
-def model_info(channel: grpc.Channel) -> vae_pb2.ModelInfo:
-    return vae_pb2_grpc.VaeServiceStub(channel).GetModelInfo(
-        vae_pb2.GetModelInfoRequest(), timeout=10
-    )
 
 
 def version_1_shown(served: Served) -> float:

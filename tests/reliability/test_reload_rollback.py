@@ -8,7 +8,6 @@ Versions differ in latent size (1: the tiny model's 4, 2: 3), so a reply tells w
 from __future__ import annotations
 
 import logging
-import shutil
 import signal
 import threading
 from pathlib import Path
@@ -16,30 +15,21 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from reliability_harness import code_of, metric, wait_until
+from reliability_harness import (
+    MODEL,
+    POLL,
+    WITH_LATENTS,
+    code_of,
+    metric,
+    model_info,
+    wait_until,
+)
 from service_harness import open_channel, running, tiny_settings
 
 from bench.served_process import ServerProcess
 from export.model import VAE, VAEConfig
 from export.onnx_export import export_version
-from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
-
-MODEL = "tiny-vae"
-POLL = 0.1  # seconds between polls of the repository
-WITH_LATENTS = vae_pb2.SampleRequest(count=1, seed=1, return_latents=True)
-
-
-@pytest.fixture
-def repo(tiny_model: Path, tmp_path: Path) -> Path:
-    target = tmp_path / "repo"
-    shutil.copytree(tiny_model.parent.parent, target)
-    return target
-
-
-def model_info(channel: grpc.Channel) -> vae_pb2.ModelInfo:
-    return vae_pb2_grpc.VaeServiceStub(channel).GetModelInfo(
-        vae_pb2.GetModelInfoRequest(), timeout=10
-    )
+from service.proto.vae.v1 import vae_pb2_grpc
 
 
 def test_moving_the_highest_version_out_swaps_the_previous_one_back(

@@ -23,25 +23,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from reliability_harness import metric, wait_until
+from reliability_harness import MODEL, POLL, WITH_LATENTS, metric, wait_until
 from service_harness import Served, open_channel, running, tiny_settings
 
 from export.manifest import MANIFEST_FILE, sha256_of
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
 
-MODEL = "tiny-vae"
 LATENT = 4  # the tiny model's
-POLL = 0.1  # seconds between polls of the repository
-WITH_LATENTS = vae_pb2.SampleRequest(count=1, seed=1, return_latents=True)
 Damage = Callable[[Path, dict[str, Any]], None]
-
-
-@pytest.fixture
-def repo(tiny_model: Path, tmp_path: Path) -> Path:
-    """A repository of our own holding version 1 of the tiny model."""
-    target = tmp_path / "repo"
-    shutil.copytree(tiny_model.parent.parent, target)
-    return target
 
 
 @pytest.fixture

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -57,6 +56,7 @@ import grpc
 import pytest
 
 from bench.served_process import ServerProcess
+from bench.servers import free_port
 from service.client import channel_options, sample_request
 from service.proto.vae.v1 import vae_pb2_grpc
 
@@ -77,13 +77,6 @@ RECONNECT_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 300),
 ]
-
-
-def free_port() -> int:
-    """A port nothing listens on right now, for the replacement server's slot in the list."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def sample_calls(server: ServerProcess) -> float:

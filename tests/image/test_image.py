@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.servers import free_port
 from service.client import VaeClient, channel_options, sample_request
 from service.proto.vae.v1 import vae_pb2_grpc
 from tests.image.container import REPO, SERVICE, STOP_TIMEOUT, Container, podman
@@ -269,12 +269,6 @@ def test_rolling_update_of_two_containers_under_load_fails_no_call(
     for replacement in (c, d):
         assert replacement.metric("vae_requests_total", method="Sample", code="OK") > 0
     figures["rolling_update"] = {"calls": dict(load.codes)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_kube_play_of_the_cpu_overlay_serves_and_stops_cleanly(

@@ -6,7 +6,6 @@ Encode's posterior draws and Score under concurrent batching equal to unbatched 
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +25,7 @@ from service_harness import (
     tiny_settings,
 )
 
+from bench.servers import free_port
 from service.client import to_tensor
 from service.model_holder import ModelHolder
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
@@ -58,12 +58,6 @@ def health_status(target: str, service: str = "") -> str | None:
         except grpc.RpcError:
             return None
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ---- NOT_SERVING during warm-up (what the startupProbe relies on) ----

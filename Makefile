@@ -21,7 +21,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[train,dev]'
+	$(BIN)/pip install -q -e '.[train,dev,client]'
 	touch $@
 
 proto: install
@@ -48,7 +48,7 @@ test: model
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy export service tests bench
+	$(BIN)/mypy export service vae_client vae_data tests bench
 
 format: install
 	$(BIN)/ruff format .
@@ -97,7 +97,7 @@ bench-profile: model
 .PHONY: explore
 # The commands and their summaries go to docs/explore/summary.txt, which the README quotes.
 explore: model
-	$(PY) -m service.gallery --model-repo $(MODEL_REPO) --model-name $(MODEL_NAME) \
+	$(PY) -m vae_client.gallery --model-repo $(MODEL_REPO) --model-name $(MODEL_NAME) \
 		--out docs/explore > docs/explore/summary.log
 	sed -e 's|$(CURDIR)/||' -e '/^vae-serve on /d' docs/explore/summary.log > docs/explore/summary.txt
 	rm docs/explore/summary.log && cat docs/explore/summary.txt

@@ -24,7 +24,7 @@ import uvloop
 
 from bench.inprocess import NoDeadline, version_settings
 from service.metrics import Metrics
-from service.model import ServedModel, open_model
+from service.model.served import ServedModel, open_model
 from service.proto.vae.v1 import vae_pb2
 from service.servicer import VaeServicer
 

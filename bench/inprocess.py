@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from service.runtime import Runtime
+from service.model.runtime import Runtime
 from service.sampling import prior_latents, to_uint8
 from service.settings import Settings
 
@@ -128,7 +128,7 @@ def servicer_cases(version_dir: Path, sizes: list[int]) -> tuple[list[Case], Cal
     import uvloop
 
     from service.metrics import Metrics
-    from service.model import open_model
+    from service.model.served import open_model
     from service.proto.vae.v1 import vae_pb2
     from service.servicer import VaeServicer
 

@@ -24,8 +24,8 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.served_process import ServerProcess
-from service.client import MAX_MESSAGE_BYTES
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
+from vae_client.client import MAX_MESSAGE_BYTES
 
 MB = 1024 * 1024
 OPTIONS = [

@@ -21,8 +21,8 @@ import grpc
 import grpc.experimental.gevent as grpc_gevent
 from locust import User, constant, events, task
 
-from service.loadtest import FORMATS, MAX_MESSAGE_BYTES, METHODS, LoadConfig, build_payloads
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
+from vae_client.loadtest import FORMATS, MAX_MESSAGE_BYTES, METHODS, LoadConfig, build_payloads
 
 grpc_gevent.init_gevent()  # gRPC's blocking calls must yield to the other gevent users
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.profile models/mnist-vae/1 --duration 10   # make bench-profile
 
-`vae-serve` runs pinned to `--server-cpus`; py-spy and the load (`service.loadtest`) run on
+`vae-serve` runs pinned to `--server-cpus`; py-spy and the load (`vae_client.loadtest`) run on
 `--client-cpus`, so neither takes the server's core. For each load (Sample of 1 image at 32 in
 flight, Sample of 1024 at 8), py-spy records every thread of the server for `--duration` seconds,
 native frames included (ONNX Runtime, numpy, gRPC's C core and uvloop have no Python frame of
@@ -35,7 +35,7 @@ import uvloop
 from bench.readme_block import replace_block
 from bench.run_bench import git_commit
 from bench.servers import BenchServer, model_flags
-from service.loadtest import LoadConfig, run_all
+from vae_client.loadtest import LoadConfig, run_all
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LOADS = {"sample-1": (1, 32), "sample-1024": (1024, 8)}  # name: (count, concurrency), uint8

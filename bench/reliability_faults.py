@@ -48,8 +48,8 @@ from bench.load_drivers import (
 )
 from bench.served_process import ServerProcess
 from export.manifest import MANIFEST_FILE
-from service.client import channel_options, tls_credentials
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
+from vae_client.client import channel_options, tls_credentials
 
 IN_FLIGHT_AT_SIGTERM = re.compile(r"(\d+) (?:inference )?calls\s+in flight get up to")
 

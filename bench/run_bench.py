@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.run_bench models/mnist-vae/1 --duration 8 --warmup 1
 
 Everything is measured side by side on this machine, servers on `--server-cpus` (core 0) and
-the load generator (this process: `service.loadtest`, the code of `vae-loadtest`) on
+the load generator (this process: `vae_client.loadtest`, the code of `vae-loadtest`) on
 `--client-cpus` (core 1), so the client's CPU never counts against the server:
 
 1. The limit: the decoder in process on the server's core (`bench.inprocess`: ONNX Runtime with
@@ -43,7 +43,7 @@ import uvloop
 
 from bench import goals, report
 from bench.servers import BenchServer, model_flags
-from service.loadtest import LoadConfig, run_all
+from vae_client.loadtest import LoadConfig, run_all
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONCURRENCIES = (1, 8, 32, 64)

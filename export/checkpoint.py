@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.data import DataError, Dataset, load_dataset
 from export.model import VAE, VAEConfig
+from vae_data.mnist import DataError, Dataset, load_dataset
 
 CHECKPOINT_FORMAT = 1
 

@@ -26,13 +26,13 @@ from export.checkpoint import (
     model_from_checkpoint,
     training_summary,
 )
-from export.data import binarized_test_set
 from export.model import (
     VAE,
     gaussian_kl,
     importance_weighted_nll,
     reconstruction_nll,
 )
+from vae_data.mnist import binarized_test_set
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: Cov_x(E_q[z_u]) above this counts as active
 

@@ -232,8 +232,8 @@ def main(argv: list[str] | None = None) -> None:
         model_from_checkpoint,
         training_summary,
     )
-    from export.data import binarized_test_set
     from export.evaluate import evaluate
+    from vae_data.mnist import binarized_test_set
 
     p = argparse.ArgumentParser(prog="vae-export", description=main.__doc__)
     p.add_argument("--checkpoint", type=Path, required=True, help="best.pt from vae-train")

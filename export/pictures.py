@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.data import IMAGE_SHAPE, Dataset
 from export.model import VAE
+from vae_data.mnist import IMAGE_SHAPE, Dataset
 
 
 def tile(images: np.ndarray, rows: int, cols: int) -> np.ndarray:

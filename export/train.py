@@ -29,8 +29,8 @@ from export.checkpoint import (
     save_checkpoint,
     training_summary,
 )
-from export.data import DataError, Dataset, binarize, load_dataset
 from export.model import ACTIVATIONS, VAE, VAEConfig, negative_elbo
+from vae_data.mnist import DataError, Dataset, binarize, load_dataset
 
 SAVE_SECONDS = 30.0  # write last.pt and best.pt at least this often, and after the last epoch
 VALIDATION_BINARIZATION_SEED = 1

@@ -21,8 +21,8 @@ from PIL import Image, UnidentifiedImageError
 
 from service.errors import InvalidArgument
 from service.latent import Scores
+from service.model.runtime import LATENT_LIMIT, SERVED_IMAGE_SHAPE, ModelInfo
 from service.proto.vae.v1 import vae_pb2
-from service.runtime import LATENT_LIMIT, SERVED_IMAGE_SHAPE, ModelInfo
 from service.sampling import bernoulli, to_uint8
 
 IMAGE_SHAPE = SERVED_IMAGE_SHAPE

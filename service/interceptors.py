@@ -52,7 +52,7 @@ from service.errors import (
     Unavailable,
 )
 from service.metrics import Metrics
-from service.model_holder import ModelHolder
+from service.model.holder import ModelHolder
 from service.proto.inference.v2 import grpc_predict_v2_pb2 as v2_pb2
 from service.proto.vae.v1 import vae_pb2
 

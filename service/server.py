@@ -41,8 +41,8 @@ from service.health import HealthServicer
 from service.interceptors import ServiceInterceptor
 from service.metrics import Metrics
 from service.metrics_http import MetricsServer
-from service.model import ServedModel
-from service.model_holder import CallModel, ModelHolder
+from service.model.holder import CallModel, ModelHolder
+from service.model.served import ServedModel
 from service.proto.inference.v2 import grpc_predict_v2_pb2 as v2_pb2
 from service.proto.inference.v2 import grpc_predict_v2_pb2_grpc as v2_pb2_grpc
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc

@@ -15,8 +15,8 @@ import numpy as np
 
 from service import codec, latent
 from service.metrics import Metrics
+from service.model.runtime import ModelInfo
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
-from service.runtime import ModelInfo
 from service.sampling import pick_seed, posterior_samples, prior_latents
 
 P = ParamSpec("P")

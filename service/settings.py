@@ -12,7 +12,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 8000
-IMAGE_BYTES = 28 * 28 * 4  # one float32 image, the largest row a request carries
+# The images this service reads and writes (a model for another shape is refused at load): the
+# one place the shape is written; every size and message derives from it.
+IMAGE_SHAPE = (28, 28)
+IMAGE_SIZE = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
+IMAGE_BYTES = IMAGE_SIZE * 4  # one float32 image, the largest row a request carries
 
 
 def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
@@ -94,7 +98,7 @@ class Settings(BaseSettings):
     idle server; 0 (the default) uses adaptive_queue_delay instead."""
     adaptive_queue_delay: float = Field(default=0.002, ge=0)
     """Most seconds a batch of fewer than 64 rows waits for more while the server is busy with
-    other calls (service/batch_hold.py); a lone caller never waits. 0: never wait (batches
+    other calls (service/batching/hold.py); a lone caller never waits. 0: never wait (batches
     still form from rows that queue while the runs are busy)."""
     max_queue_rows: int = Field(default=65536, ge=1)
     """Most rows queued for one network before new requests get RESOURCE_EXHAUSTED; at least

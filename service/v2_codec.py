@@ -29,9 +29,9 @@ import numpy as np
 
 from service import codec
 from service.errors import InvalidArgument, ServiceError
+from service.model.runtime import ModelInfo
 from service.proto.inference.v2 import grpc_predict_v2_pb2 as pb
 from service.proto.vae.v1 import vae_pb2
-from service.runtime import ModelInfo
 from service.sampling import to_uint8
 
 PLATFORM = "onnxruntime_onnx"  # Triton's name for an ONNX model on ONNX Runtime

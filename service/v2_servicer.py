@@ -34,9 +34,9 @@ from prometheus_client import CollectorRegistry
 from service import v2_codec
 from service.health import HealthServicer
 from service.metrics import Metrics
+from service.model.runtime import ModelInfo
 from service.proto.inference.v2 import grpc_predict_v2_pb2 as pb
 from service.proto.inference.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
-from service.runtime import ModelInfo
 from service.servicer import INLINE_ROWS, Model
 
 SERVER_NAME = "vae-serve"

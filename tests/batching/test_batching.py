@@ -14,8 +14,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.batch_hold import PROBE_EVERY
-from service.batching import Batcher
+from service.batching.batcher import Batcher
+from service.batching.hold import PROBE_EVERY
 from service.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 
 

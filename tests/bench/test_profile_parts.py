@@ -9,7 +9,9 @@ WORKER = "Thread._bootstrap (threading.py:1002);_worker (concurrent/futures/thre
 
 
 def test_the_innermost_owner_with_precedence_wins() -> None:
-    decode = f"{WORKER};decode_sync (service/runtime.py:222);Session.run (onnxruntime/x.py:395)"
+    decode = (
+        f"{WORKER};decode_sync (service/model/runtime.py:222);Session.run (onnxruntime/x.py:395)"
+    )
     assert part_of(decode.split(";")) == "decoder (ONNX Runtime)"
     draw = f"{LOOP};handle (service/interceptors.py:135);prior_latents (service/sampling.py:33)"
     assert part_of(draw.split(";")) == "latent draw (numpy RNG)"

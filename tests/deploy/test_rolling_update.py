@@ -10,7 +10,7 @@ so until C listens and is up, its slot is skipped like a pod not yet in the endp
 the Deployment's `maxSurge: 1, maxUnavailable: 0`: the new pod comes up first, then an old one
 is terminated. (Reusing A's port for the replacement after A exits would model a new pod taking
 the old pod's IP, which Kubernetes does not do, and would leave one server during the gap.)
-The channel is the one `service.client` builds (`channel_options()`: round_robin, retries on
+The channel is the one `vae_client.client` builds (`channel_options()`: round_robin, retries on
 UNAVAILABLE) plus a short reconnect backoff, which stands in for re-resolution: without it,
 C's slot would be retried only on gRPC's default 1 s, 1.6 s, 2.6 s, ... schedule.
 
@@ -20,7 +20,7 @@ client without retries meets. A lets gRPC refuse new calls at the transport (GOA
 streams), never with an answer of its own, but one gRPC core race is left: a call that reached A
 in the instant its shutdown began, before A's server had taken the call up, is answered
 CANCELLED by gRPC core itself (grpc/grpc#41785). So this channel may lose at most one call per
-caller, CANCELLED, while A shuts down; the retrying channel retries it (`service.client`'s
+caller, CANCELLED, while A shuts down; the retrying channel retries it (`vae_client.client`'s
 policy retries CANCELLED from the server as well as UNAVAILABLE). C is not in its list
 because a new server listens while it warms up and answers that time's calls UNAVAILABLE; in a
 cluster the pod is in no endpoint list (nor DNS answer) until its readiness probe passes, which
@@ -57,8 +57,8 @@ import pytest
 
 from bench.served_process import ServerProcess
 from bench.servers import free_port
-from service.client import channel_options, sample_request
 from service.proto.vae.v1 import vae_pb2_grpc
+from vae_client.client import channel_options, sample_request
 
 GRACE_PERIOD = 5.0  # seconds A's in-flight calls get after SIGTERM (VAE_GRACE_PERIOD)
 # A keeps serving after SIGTERM until calls stop arriving, at most this long (VAE_DRAIN_SECONDS):

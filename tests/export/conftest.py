@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from export.data import Dataset, Split, load_dataset
 from export.model import VAEConfig
 from export.train import TrainSettings, train
+from vae_data.mnist import Dataset, Split, load_dataset
 
 
 def _head(split: Split, n: int) -> Split:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.data import (
+from vae_data.mnist import (
     IMAGES_MAGIC,
     LABELS_MAGIC,
     DataError,
@@ -133,5 +133,5 @@ def test_binarization_is_fixed_by_its_seed() -> None:
 
 
 def test_data_module_does_not_import_torch() -> None:
-    code = "import sys, export.data; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, vae_data.mnist; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from export.checkpoint import model_from_checkpoint
-from export.data import Dataset, binarized_test_set
 from export.model import (
     VAE,
     VAEConfig,
@@ -21,6 +20,7 @@ from export.model import (
     negative_elbo,
     reconstruction_nll,
 )
+from vae_data.mnist import Dataset, binarized_test_set
 
 
 def test_kl_closed_form_matches_monte_carlo() -> None:

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from export.checkpoint import model_from_checkpoint
-from export.data import Dataset
 from export.manifest import ModelError, load_verified, resolve_version, sha256_of
 from export.model import VAE
 from export.onnx_export import PARITY_BATCH_SIZES, PARITY_TOLERANCE, export_version
+from vae_data.mnist import Dataset
 
 
 @pytest.fixture(scope="module")

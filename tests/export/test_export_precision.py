@@ -11,7 +11,6 @@ import pytest
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from export.checkpoint import model_from_checkpoint
-from export.data import Dataset
 from export.manifest import ModelError, load_verified, open_version
 from export.onnx_export import export_version, flat_images
 from export.precision import (
@@ -21,6 +20,7 @@ from export.precision import (
     VariantRefused,
     quality_gate,
 )
+from vae_data.mnist import Dataset
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from export.checkpoint import load_checkpoint, training_summary
-from export.data import Dataset
 from export.model import VAEConfig
 from export.train import TrainingError, TrainSettings, train
+from vae_data.mnist import Dataset
 
 
 def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:

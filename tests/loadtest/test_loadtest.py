@@ -12,8 +12,8 @@ from typing import Any
 import grpc
 import pytest
 
-from service import loadtest
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
+from vae_client import loadtest
 
 
 def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[str, Any]]:

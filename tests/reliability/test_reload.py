@@ -113,7 +113,7 @@ def test_polling_swaps_a_new_version_in_while_a_call_in_flight_finishes_on_the_o
         repo / MODEL / "1", reload_interval=POLL, max_queue_delay=60.0, max_batch_size=1024
     )
     with (
-        caplog.at_level(logging.INFO, logger="service.model_holder"),
+        caplog.at_level(logging.INFO, logger="service.model.holder"),
         running(settings) as served,
         open_channel(served.target) as channel,
     ):
@@ -161,7 +161,7 @@ def test_a_bad_new_version_is_rejected_logged_counted_and_the_old_keeps_serving(
 ) -> None:
     settings = tiny_settings(repo / MODEL / "1", reload_interval=POLL)
     with (
-        caplog.at_level(logging.INFO, logger="service.model_holder"),
+        caplog.at_level(logging.INFO, logger="service.model.holder"),
         running(settings) as served,
         open_channel(served.target) as channel,
     ):

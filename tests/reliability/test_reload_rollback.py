@@ -37,7 +37,7 @@ def test_moving_the_highest_version_out_swaps_the_previous_one_back(
 ) -> None:
     settings = tiny_settings(repo / MODEL / "1", reload_interval=POLL)
     with (
-        caplog.at_level(logging.INFO, logger="service.model_holder"),
+        caplog.at_level(logging.INFO, logger="service.model.holder"),
         running(settings) as served,
         open_channel(served.target) as channel,
     ):

@@ -160,7 +160,7 @@ def test_a_reload_under_way_does_not_hold_the_exit(tiny_model: Path, event_loop:
     loader here sleeps ten minutes on every load after the first."""
     script = (
         "import sys, time\n"
-        "import service.model_holder as holder\n"
+        "import service.model.holder as holder\n"
         "real = holder.default_loader\n"
         "def slow(settings, metrics):\n"
         "    load, calls = real(settings, metrics), []\n"

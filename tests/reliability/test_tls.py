@@ -19,10 +19,10 @@ from reliability_harness import health, metric
 from service_harness import Served, running, tiny_settings
 
 from bench.certificates import Pki
-from service import cli
-from service.client import AsyncVaeClient, VaeClient, tls_credentials
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
 from service.server import StartupError
+from vae_client import cli
+from vae_client.client import AsyncVaeClient, VaeClient, tls_credentials
 
 INFO = vae_pb2.GetModelInfoRequest()
 

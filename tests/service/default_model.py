@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from service_harness import Served, running, tiny_settings
 
-from export.data import DataError, Dataset, load_dataset
 from export.manifest import ModelError, resolve_version
+from vae_data.mnist import DataError, Dataset, load_dataset
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "mnist-vae"
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 from service_harness import open_channel, running, scrape, tiny_settings
 
-from service.client import to_tensor
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
+from vae_client.client import to_tensor
 
 FORMATS = (
     vae_pb2.IMAGE_FORMAT_UINT8,

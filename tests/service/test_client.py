@@ -1,4 +1,4 @@
-"""service.client (sync and asyncio), its retry, deadline and load-balancing configuration, and
+"""vae_client.client (sync and asyncio), its retry, deadline and load-balancing configuration, and
 the vae-client command line."""
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import pytest
 from PIL import Image
 from service_harness import Served, running, scrape, tiny_settings
 
-from service import cli
-from service.client import AsyncVaeClient, VaeClient
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
+from vae_client import cli
+from vae_client.client import AsyncVaeClient, VaeClient
 
 
 def test_sync_client_round_trip(served: Served) -> None:

@@ -17,13 +17,13 @@ from grpc_health.v1._async import HealthServicer
 from PIL import Image
 from service_harness import BackgroundLoop, open_channel, tiny_settings
 
-from service.client import to_tensor
 from service.interceptors import INTERNAL_MESSAGE, ServiceInterceptor
 from service.metrics import Metrics
+from service.model.runtime import ModelInfo
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
-from service.runtime import ModelInfo
 from service.server import create_server
 from service.servicer import VaeServicer
+from vae_client.client import to_tensor
 
 Stub = vae_pb2_grpc.VaeServiceStub
 F32, U8 = vae_pb2.DATA_TYPE_FLOAT32, vae_pb2.DATA_TYPE_UINT8

@@ -14,10 +14,10 @@ from default_model import MODEL_DIR, default_dataset, default_version
 from PIL import Image
 from service_harness import Served, running, tiny_settings
 
-from export.data import IMAGES_MAGIC, LABELS_MAGIC
-from service import cli, gallery, pictures
-from service.client import VaeClient
-from service.explore_inputs import score_all
+from vae_client import cli, gallery, pictures
+from vae_client.client import VaeClient
+from vae_client.explore_inputs import score_all
+from vae_data.mnist import IMAGES_MAGIC, LABELS_MAGIC
 
 TILE = 28 * 2  # the default --scale 2
 LINE = pictures.text_size("Ag0.9")[1] + 4  # one line of labels

@@ -16,13 +16,13 @@ from default_model import default_dataset, default_version, serving_default
 from PIL import Image
 from service_harness import Served, scrape
 
-from export.data import binarized_test_set
-from service import latent
-from service.client import AsyncVaeClient, VaeClient, endpoint, from_tensor, to_tensor
-from service.explore import move_along
-from service.explore_inputs import encode_means, score_all
-from service.gallery import letter
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
+from vae_client import latent
+from vae_client.client import AsyncVaeClient, VaeClient, endpoint, from_tensor, to_tensor
+from vae_client.explore import move_along
+from vae_client.explore_inputs import encode_means, score_all
+from vae_client.gallery import letter
+from vae_data.mnist import binarized_test_set
 
 Stub = vae_pb2_grpc.VaeServiceStub
 LINEAR, SPHERICAL = vae_pb2.INTERPOLATION_PATH_LINEAR, vae_pb2.INTERPOLATION_PATH_SPHERICAL

@@ -23,8 +23,8 @@ import pytest
 from service_harness import open_channel, scrape, tiny_settings
 
 from bench.served_process import ServerProcess
+from service.model.runtime import CUDA, ProviderError, Runtime
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
-from service.runtime import CUDA, ProviderError, Runtime
 
 SERVING_LINE = re.compile(r"SERVING .* on port (\d+) \(metrics: port (\d+)\) after ([\d.]+) s")
 
@@ -146,7 +146,7 @@ def test_cuda_serves_where_a_gpu_works(tiny_model: Path) -> None:
 def test_auto_falls_back_to_the_cpu_with_a_warning(
     tiny_model: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="service.runtime"):
+    with caplog.at_level(logging.WARNING, logger="service.model.runtime"):
         runtime = Runtime.load(tiny_settings(tiny_model, provider="auto"))
     runtime.close()
     if CUDA in runtime.info.providers:  # pragma: no cover - a machine with a working GPU

@@ -17,8 +17,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from service_harness import Served, open_channel, running, scrape, tiny_settings
 
-from service.client import to_tensor
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
+from vae_client.client import to_tensor
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

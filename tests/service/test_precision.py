@@ -15,8 +15,8 @@ from service_harness import open_channel, running, scrape, tiny_settings
 
 from export.model import VAE, VAEConfig
 from export.onnx_export import export_version
-from service.client import ImageFormatName, images_from, sample_request
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
+from vae_client.client import ImageFormatName, images_from, sample_request
 
 
 @pytest.fixture(scope="module")

@@ -26,10 +26,10 @@ from service_harness import (
 )
 
 from bench.servers import free_port
-from service.client import to_tensor
-from service.model_holder import ModelHolder
+from service.model.holder import ModelHolder
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
 from service.server import SERVICE_NAME, Service
+from vae_client.client import to_tensor
 
 CALL_TIMEOUT = 60.0
 WAIT = 30.0  # the longest any condition below is waited for (a shared machine)

@@ -11,7 +11,7 @@ import pytest
 from service_harness import running, tiny_settings
 
 from export.manifest import ModelError, resolve_version
-from service.client import VaeClient
+from vae_client.client import VaeClient
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "mnist-vae"
 
@@ -27,7 +27,7 @@ def test_reconstructions_beat_the_mean_image() -> None:
         version = resolve_version(MODEL_DIR.parent, MODEL_DIR.name)
     except ModelError:
         pytest.skip(f"no trained default model in {MODEL_DIR} (`make model` trains one)")
-    from export.data import load_dataset
+    from vae_data.mnist import load_dataset
 
     data = json.loads((version / "manifest.json").read_text())["training"].get("data", {})
     data_dir = data.get("data_dir")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.client import from_tensor, to_tensor
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
+from vae_client.client import from_tensor, to_tensor
 
 Stub = vae_pb2_grpc.VaeServiceStub
 P, U8, BIN, PNG = (

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from service import codec, sampling
-from service.client import to_tensor
 from service.errors import InvalidArgument
 from service.proto.vae.v1 import vae_pb2
+from vae_client.client import to_tensor
 
 SEEDS = st.integers(0, 2**64 - 1)
 probabilities = hnp.arrays(

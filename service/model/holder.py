@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 from export.manifest import ModelError, resolve_version
 from service.metrics import Metrics
-from service.runtime import ModelInfo
+from service.model.runtime import ModelInfo
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ ModelError or ProviderError."""
 
 
 def default_loader(settings: Settings, metrics: Metrics | None) -> Loader:
-    from service.model import open_model
+    from service.model.served import open_model
 
     return lambda directory: open_model(settings, metrics, directory)
 

@@ -127,9 +127,9 @@ async def model_info(channel: grpc.aio.Channel, timeout: float) -> vae_pb2.Model
 def real_digits(count: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
     """`count` uint8 [count, 784] MNIST digits from the embedded 5k set, else random images."""
     try:
-        from export import data
+        from vae_data import mnist
 
-        images = data.read_embedded(data.embedded_path()).images
+        images = mnist.read_embedded(mnist.embedded_path()).images
         picked = images[rng.integers(0, len(images), count)]
         return np.ascontiguousarray(picked, np.uint8), "mnist (embedded 5k digits)"
     except (ImportError, AttributeError, OSError, ValueError) as exc:

@@ -5,7 +5,7 @@ vae-client sample -n 64 --seed 1 --out samples.png     # a PNG grid; no --out: A
 vae-client sample -n 1 --seed 7 --out digit.png        # one image: a plain 28x28 PNG
 vae-client encode digit.png [more.png ...] [--out latents.npy]
 vae-client decode latents.npy --out decoded.png        # or: decode --z -0.1,1,0.5,2
-vae-client interpolate a.png b.png --steps 10 [--slerp] [--gif]    # exploration: service/explore.py
+vae-client interpolate a.png b.png --steps 10 [--slerp] [--gif]  # exploration: explore.py
 vae-client attribute --ink | --labels 3 8 | --groups DIR_A DIR_B [IMG ...] [--strengths ...]
 vae-client traverse digit.png [--dims 0-7] [--range -3 3] [--steps 9]
 vae-client manifold [-n 15] [--dims I J]
@@ -26,9 +26,9 @@ import grpc
 import numpy as np
 from PIL import Image
 
-from service import explore
-from service.client import DEFAULT_TIMEOUT, FORMATS, Images, VaeClient, tls_credentials
-from service.explore_inputs import read_png
+from vae_client import explore
+from vae_client.client import DEFAULT_TIMEOUT, FORMATS, Images, VaeClient, tls_credentials
+from vae_client.explore_inputs import read_png
 
 ASCII_RAMP = " .:-=+*#%@"
 VALUE_FLAGS = {"--z"}  # flags whose value may start with '-' (see _attach_values)

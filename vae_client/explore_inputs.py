@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from export.data import DataError, Split, load_dataset
-from service import latent
-from service.client import EndpointLike, Scores, VaeClient
+from vae_client import latent
+from vae_client.client import EndpointLike, Scores, VaeClient
+from vae_data.mnist import DataError, Split, load_dataset
 
 ACTIVITY_SAMPLES = 512  # the model's own samples on which the most active dimensions are measured
 

@@ -1,4 +1,4 @@
-"""Measure a trained VAE on the test set, and draw the pictures a person would look at.
+"""Measure a trained VAE on the test set: `vae-evaluate` (or `python -m export.evaluate`).
 
 `vae-evaluate` reports, per test image in nats: the negative ELBO with its reconstruction and
 KL terms, the number of active latent units, and the importance-weighted estimate of -log p(x)

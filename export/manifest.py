@@ -1,22 +1,18 @@
 """The manifest: the contract between the export stage and the service.
 
-A model repository is laid out as `<repo>/<model-name>/<version>/` (versions are positive
-integers, as in Triton and TF Serving, named in canonical ASCII decimal) holding `encoder.onnx`,
-`decoder.onnx` and `manifest.json`. The service trusts a version only after `open_version` has
-checked it: the folder and every file it reads lie inside the repository (symbolic links
-included) and are regular files, the manifest names this model and version, and every ONNX file
-matches the sha256 recorded here and keeps no weights in external files. Each refusal is a
-one-line reason. This module imports neither torch nor onnx, so the serving image can use it.
+A version folder of the model repository (`<repo>/<model-name>/<version>/`, export/repository.py)
+holds `encoder.onnx`, `decoder.onnx` and `manifest.json`. The service trusts a version only
+after `open_version` has checked it: the folder and every file it reads lie inside the repository
+(symbolic links included) and are regular files, the manifest names this model and version, and
+every ONNX file matches the sha256 recorded here and keeps no weights in external files. Each
+refusal is a one-line reason. This module imports neither torch nor onnx, so the serving image
+can use it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import os
-import re
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,18 +21,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from export.onnx_wire import WireError, external_tensors
 
-log = logging.getLogger(__name__)
+# The repository's folders and its error, re-exported: the service imports them from here.
+from export.repository import MAX_VERSION as MAX_VERSION
+from export.repository import ModelError as ModelError
+from export.repository import list_versions as list_versions
+from export.repository import read_inside, repository_root
+from export.repository import resolve_version as resolve_version
+from export.repository import version_number as version_number
 
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
-VERSION_NAME = re.compile(r"[1-9][0-9]*", re.ASCII)  # [0-9]: ASCII digits only, unlike \d
-MAX_VERSION = 2**63 - 1  # ModelInfo.version is an int64
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_NETWORK_BYTES = 1 << 30  # the default model's files are 1-2 MB; protobuf's limit is 2 GiB
-
-
-class ModelError(Exception):
-    """A model version that is missing, tampered with or inconsistent."""
 
 
 class TensorSpec(BaseModel):
@@ -116,91 +112,7 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-# Version folders
-
-
-def version_number(name: str) -> int | None:
-    """The version a folder name stands for, or None: only canonical ASCII decimals 1 to
-    2^63 - 1 (a protobuf int64) without leading zeros count, so each version has exactly one
-    folder ("02", "٣" and "²" name none)."""
-    if not VERSION_NAME.fullmatch(name):
-        return None
-    version = int(name)
-    return version if version <= MAX_VERSION else None
-
-
-_ignored_reported: set[Path] = set()
-
-
-def list_versions(model_dir: Path) -> list[int]:
-    """The version numbers under `<repo>/<model-name>/`, ascending. Other entries are ignored:
-    hidden ones (an export's staging folder) silently, the rest with one warning each per
-    process."""
-    if not model_dir.is_dir():
-        return []
-    versions = []
-    for entry in model_dir.iterdir():
-        version = version_number(entry.name)
-        if version is not None and entry.is_dir():
-            versions.append(version)
-        elif not entry.name.startswith(".") and entry not in _ignored_reported:
-            _ignored_reported.add(entry)
-            log.warning(
-                "ignoring %a: not a version folder (expected a folder named by a number from 1 "
-                "to %d, without leading zeros)",
-                str(entry),
-                MAX_VERSION,
-            )
-    return sorted(versions)
-
-
-def resolve_version(repo: Path, name: str, version: int | None = None) -> Path:
-    """The directory of `version` (the latest if None), or ModelError saying what is missing."""
-    model_dir = repo / name
-    versions = list_versions(model_dir)
-    if not versions:
-        raise ModelError(
-            f"{model_dir}: no model versions found (expected <repo>/<model>/<version>/; "
-            "run `make model` to train and export the default one)"
-        )
-    chosen = versions[-1] if version is None else version
-    if chosen not in versions:
-        raise ModelError(f"{model_dir}: version {chosen} not found (have {versions})")
-    return model_dir / str(chosen)
-
-
-# Reading a version's files: inside the repository, regular files, checksummed
-
-
-def _read_inside(path: Path, root: Path, what: str, limit: int) -> bytes:
-    """The bytes of `path`, a regular file whose real path lies inside `root` (the resolved
-    repository), at most `limit` bytes; else ModelError with a one-line reason. Opened without
-    following a last symbolic link and without blocking (a FIFO), so what is checked is what
-    is read."""
-    try:
-        real = path.resolve(strict=True)
-    except FileNotFoundError:
-        raise ModelError(f"{path}: the {what} is missing") from None
-    except (OSError, RuntimeError) as e:  # RuntimeError: a symbolic link loop
-        raise ModelError(f"{path}: cannot resolve the {what}: {e}") from e
-    if not real.is_relative_to(root):
-        raise ModelError(f"{path}: the {what} lies outside the model repository {root}; refused")
-    try:
-        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as e:
-        raise ModelError(f"{path}: cannot open the {what}: {e.strerror}") from e
-    with os.fdopen(fd, "rb") as f:
-        status = os.fstat(f.fileno())
-        if not stat.S_ISREG(status.st_mode):
-            raise ModelError(f"{path}: the {what} is not a regular file; refused")
-        if status.st_size > limit:
-            raise ModelError(
-                f"{path}: the {what} has {status.st_size} bytes, above the limit of {limit}"
-            )
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise ModelError(f"{path}: the {what} grew above the limit of {limit} bytes")
-    return data
+# Verifying a version: its manifest and every file it names
 
 
 def _one_line(error: ValidationError) -> str:
@@ -213,20 +125,13 @@ def _read_manifest(directory: Path, root: Path) -> Manifest:
     path = directory / MANIFEST_FILE
     if not path.exists():
         raise ModelError(f"{path}: no manifest (is this a version exported by vae-export?)")
-    data = _read_inside(path, root, "manifest", MAX_MANIFEST_BYTES)
+    data = read_inside(path, root, "manifest", MAX_MANIFEST_BYTES)
     try:
         return Manifest.model_validate(json.loads(data))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelError(f"{path}: not a valid manifest: not JSON ({e})") from e
     except ValidationError as e:
         raise ModelError(f"{path}: not a valid manifest: {_one_line(e)}") from e
-
-
-def _repository_root(directory: Path) -> Path:
-    try:
-        return directory.parent.parent.resolve(strict=True)
-    except (OSError, RuntimeError) as e:
-        raise ModelError(f"{directory}: cannot resolve its model repository: {e}") from e
 
 
 def _check_signatures(directory: Path, manifest: Manifest, precision: str) -> None:
@@ -267,7 +172,7 @@ def _read_network(
             "inside the version folder; refused"
         )
     path = directory / name
-    data = _read_inside(path, root, f"{role} file named in the manifest", MAX_NETWORK_BYTES)
+    data = read_inside(path, root, f"{role} file named in the manifest", MAX_NETWORK_BYTES)
     actual = hashlib.sha256(data).hexdigest()
     if actual != net.sha256:
         raise ModelError(
@@ -308,7 +213,7 @@ def open_version(directory: Path, precision: str = FP32) -> VerifiedVersion:
     and every file lie inside the repository, the manifest names this model and version, and
     the ONNX files of `precision` match their sha256. Raises ModelError with a one-line
     reason."""
-    root = _repository_root(directory)
+    root = repository_root(directory)
     version = version_number(directory.name)
     if version is None:
         raise ModelError(

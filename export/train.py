@@ -1,11 +1,12 @@
 """Train the VAE on the negative ELBO: `vae-train` (or `python -m export.train`).
 
-Reads top to bottom: settings, one epoch, the loop, the command line (the checkpoint format is
-`export/checkpoint.py`, the pictures `export/pictures.py`). Training
-uses dynamic binarization (every image is redrawn as Bernoulli(intensity) each time it is
-used); validation uses one fixed binarization, so its ELBO is comparable epoch to epoch. The
-run is deterministic for a seed, including across a resume: the checkpoint carries the RNG
-states along with the model, optimizer, config, history and a description of the data.
+Reads top to bottom: the loop, then the command line. The run's settings and the rule for a
+resume are `export/train_settings.py`, one epoch `export/epoch.py`, the checkpoint format
+`export/checkpoint.py`, the pictures `export/pictures.py`. Training uses dynamic binarization
+(every image is redrawn as Bernoulli(intensity) each time it is used); validation uses one fixed
+binarization, so its ELBO is comparable epoch to epoch. The run is deterministic for a seed,
+including across a resume: the checkpoint carries the RNG states along with the model,
+optimizer, config, history and a description of the data.
 """
 
 from __future__ import annotations
@@ -13,13 +14,11 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from tqdm import tqdm
 
 from export.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -29,129 +28,13 @@ from export.checkpoint import (
     save_checkpoint,
     training_summary,
 )
-from export.model import ACTIVATIONS, VAE, VAEConfig, negative_elbo
+from export.epoch import images_to_tensor, train_epoch, validate
+from export.model import ACTIVATIONS, VAE, VAEConfig
+from export.train_settings import TrainingError, TrainSettings, check_compatible, data_record
 from vae_data.mnist import DataError, Dataset, binarize, load_dataset
 
 SAVE_SECONDS = 30.0  # write last.pt and best.pt at least this often, and after the last epoch
 VALIDATION_BINARIZATION_SEED = 1
-
-
-class TrainingError(Exception):
-    """A run that cannot go on as asked (a resume from a missing or incompatible checkpoint)."""
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    epochs: int = 200  # the embedded 4,000 digits: ~0.2 s an epoch on 2 cores
-    batch_size: int = 128
-    lr: float = 1e-3  # Adam; cosine-decayed to lr * final_lr_fraction over `epochs`
-    final_lr_fraction: float = 0.1
-    kl_warmup_epochs: int = 10  # KL weight rises linearly 0 -> 1 (Sønderby et al. 2016)
-    seed: int = 0
-    # torch intra-op threads. 1: OpenMP's spinning threads run 10-20x slower when the cores are
-    # shared (a CI box, a busy laptop); 2 is faster only on free cores. Same results either way.
-    threads: int = 1
-
-    def lr_at(self, epoch: int) -> float:
-        """Cosine decay over the planned epochs (epoch counts from 0)."""
-        progress = min(epoch / max(self.epochs - 1, 1), 1.0)
-        floor = self.lr * self.final_lr_fraction
-        return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    def kl_weight_at(self, epoch: int, step: float) -> float:
-        """The KL weight at `epoch` + `step` (fraction of the epoch done)."""
-        if self.kl_warmup_epochs <= 0:
-            return 1.0
-        return min((epoch + step) / self.kl_warmup_epochs, 1.0)
-
-
-def data_record(dataset: Dataset, data_dir: Path | None) -> dict[str, Any]:
-    return {**dataset.description, "data_dir": str(data_dir.resolve()) if data_dir else None}
-
-
-def check_compatible(
-    state: dict[str, Any], config: VAEConfig, settings: TrainSettings, data: dict[str, Any]
-) -> None:
-    """Refuse a resume that would silently continue a different run."""
-    problems = []
-    saved_config = VAEConfig.from_dict(state["config"])
-    if saved_config != config:
-        problems.append(f"model config: checkpoint has {saved_config}, asked for {config}")
-    saved = TrainSettings(**state["settings"])
-    for name in ("batch_size", "lr", "final_lr_fraction", "kl_warmup_epochs", "seed"):
-        if getattr(saved, name) != getattr(settings, name):
-            was, now = getattr(saved, name), getattr(settings, name)
-            problems.append(f"{name}: checkpoint has {was}, asked for {now}")
-    for key in ("source", "train", "validation", "test"):
-        if state["data"].get(key) != data.get(key):
-            was, now = state["data"].get(key), data.get(key)
-            problems.append(f"data {key}: checkpoint has {was!r}, asked for {now!r}")
-    if problems:
-        raise TrainingError(
-            "cannot resume: the checkpoint is from an incompatible run:\n  "
-            + "\n  ".join(problems)
-            + "\n(drop --resume, or choose another --out, to start a new run)"
-        )
-
-
-# ---------------------------------------------------------------------------- one epoch
-
-
-def images_to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 [N, 784] -> float32 probabilities in [0, 1]."""
-    return torch.from_numpy(images).float().div_(255)
-
-
-def train_epoch(
-    model: VAE,
-    optimizer: torch.optim.Optimizer,
-    probabilities: torch.Tensor,
-    settings: TrainSettings,
-    epoch: int,
-    generator: torch.Generator,
-) -> dict[str, float]:
-    """One pass in a random order, each image binarized afresh. Returns mean loss/rec/kl."""
-    model.train()
-    for group in optimizer.param_groups:
-        group["lr"] = settings.lr_at(epoch)
-    n = len(probabilities)
-    order = torch.randperm(n, generator=generator)
-    steps = math.ceil(n / settings.batch_size)
-    totals = torch.zeros(3, dtype=torch.float64)
-    bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{settings.epochs}", leave=False, disable=None)
-    for step in bar:
-        index = order[step * settings.batch_size : (step + 1) * settings.batch_size]
-        batch = probabilities[index]  # dynamic binarization: x ~ Bernoulli(intensity)
-        x = (torch.rand(batch.shape, generator=generator) < batch).float()  # 2x torch.bernoulli
-        logits, mean, log_variance = model(x)
-        loss, rec, kl = negative_elbo(logits, x, mean, log_variance)
-        beta = settings.kl_weight_at(epoch, step / steps)
-        objective = (rec + beta * kl).mean()
-        optimizer.zero_grad(set_to_none=True)
-        objective.backward()
-        optimizer.step()
-        with torch.no_grad():
-            totals += torch.stack([loss.sum(), rec.sum(), kl.sum()]).double()
-            seen = min((step + 1) * settings.batch_size, n)
-            if not bar.disable and step % 10 == 0:
-                avg = (totals / seen).tolist()
-                bar.set_postfix_str(f"loss {avg[0]:.2f}  rec {avg[1]:.2f}  kl {avg[2]:.2f}")
-    loss_sum, rec_sum, kl_sum = (totals / n).tolist()
-    return {"loss": loss_sum, "rec": rec_sum, "kl": kl_sum}
-
-
-@torch.no_grad()
-def validate(model: VAE, x: torch.Tensor, batch_size: int = 1000) -> dict[str, float]:
-    """Negative ELBO (one posterior sample an image) on an already binarized set."""
-    model.eval()
-    totals = torch.zeros(3, dtype=torch.float64)
-    for start in range(0, len(x), batch_size):
-        batch = x[start : start + batch_size]
-        logits, mean, log_variance = model(batch)
-        loss, rec, kl = negative_elbo(logits, batch, mean, log_variance)
-        totals += torch.stack([loss.sum(), rec.sum(), kl.sum()]).double()
-    loss_sum, rec_sum, kl_sum = (totals / len(x)).tolist()
-    return {"loss": loss_sum, "rec": rec_sum, "kl": kl_sum}
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -186,16 +69,7 @@ def train(
 
     last_path, best_path = out / "last.pt", out / "best.pt"
     if resume:
-        if not last_path.is_file():
-            raise TrainingError(f"cannot resume: {last_path} does not exist")
-        saved = load_checkpoint(last_path)
-        check_compatible(saved, config, settings, data)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        torch.set_rng_state(saved["rng"]["torch"])
-        generator.set_state(saved["rng"]["generator"])
-        history, start_epoch, best = saved["history"], saved["epoch"], saved["best_validation"]
-        print(f"resuming {last_path} after epoch {start_epoch}", flush=True)
+        history, start_epoch, best = _resume(last_path, model, optimizer, generator, settings, data)
 
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {config} ({n_params:,} parameters)", flush=True)
@@ -261,19 +135,50 @@ def train(
         )
 
     if state and state["epoch"] == settings.epochs:
-        from export.pictures import write_pictures  # matplotlib only when pictures are due
-
-        best_state = load_checkpoint(best_path)
-        pictures = write_pictures(model_from_checkpoint(best_state), dataset, history, out)
-        print("pictures: " + ", ".join(str(p) for p in pictures), flush=True)
-        summary = training_summary(best_state)
-        print(
-            f"done: best validation negative ELBO {best:.2f} nats at epoch "
-            f"{summary['best_epoch']}, {summary['seconds_per_epoch']:.2f} s/epoch, "
-            f"{summary['training_seconds']:.0f} s in all; best checkpoint {best_path}",
-            flush=True,
-        )
+        _finish(best_path, dataset, history, best)
     return state
+
+
+def _resume(
+    last_path: Path,
+    model: VAE,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    settings: TrainSettings,
+    data: dict[str, Any],
+) -> tuple[dict[str, list[float]], int, float]:
+    """Put the run of `last_path` back where it stopped (weights, optimizer, both RNGs) and
+    return its history, epochs done and best validation loss; TrainingError if it is missing
+    or from another run."""
+    if not last_path.is_file():
+        raise TrainingError(f"cannot resume: {last_path} does not exist")
+    saved = load_checkpoint(last_path)
+    check_compatible(saved, model.config, settings, data)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    generator.set_state(saved["rng"]["generator"])
+    print(f"resuming {last_path} after epoch {saved['epoch']}", flush=True)
+    return saved["history"], saved["epoch"], saved["best_validation"]
+
+
+def _finish(
+    best_path: Path, dataset: Dataset, history: dict[str, list[float]], best: float
+) -> None:
+    """At the last planned epoch: draw the best model's pictures beside its checkpoint and say
+    how the run went."""
+    from export.pictures import write_pictures  # matplotlib only when pictures are due
+
+    best_state = load_checkpoint(best_path)
+    pictures = write_pictures(model_from_checkpoint(best_state), dataset, history, best_path.parent)
+    print("pictures: " + ", ".join(str(p) for p in pictures), flush=True)
+    summary = training_summary(best_state)
+    print(
+        f"done: best validation negative ELBO {best:.2f} nats at epoch "
+        f"{summary['best_epoch']}, {summary['seconds_per_epoch']:.2f} s/epoch, "
+        f"{summary['training_seconds']:.0f} s in all; best checkpoint {best_path}",
+        flush=True,
+    )
 
 
 # ---------------------------------------------------------------------------- command line

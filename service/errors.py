@@ -1,8 +1,8 @@
 """Domain errors, and the one place they become gRPC status codes.
 
-Code below the RPC boundary raises these; the servicer holds no try/except. The interceptor in
-`server.py` answers each with its code and message; anything else is logged in full and answered
-INTERNAL with a generic message, so no internals leak.
+Code below the RPC boundary raises these; the servicers hold no try/except. The interceptor in
+`service/interceptors.py` answers each with its code and message; anything else is logged in
+full and answered INTERNAL with a generic message, so no internals leak.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Paths through the latent space and image scores: the math behind Interpolate and Score.
 numpy only (the serving image has neither torch nor scipy).
 
-Paths and grids return float32 latents ready for the decoder; scores are computed in float64
+Paths return float32 latents ready for the decoder; scores are computed in float64
 from the decoder's logits, never from its probabilities (log(sigmoid(l)) loses everything once
 sigmoid(l) rounds to 0 or 1 in float32).
 """
@@ -87,7 +87,7 @@ def softplus(x: np.ndarray) -> np.ndarray:
 
 
 def bernoulli_log_likelihood(logits: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """log p(x|z) per row, summed over pixels, from the decoder's logits l [..., 784] and targets
+    """log p(x|z) per row, summed over pixels, from the decoder's logits l [..., pixels] and targets
     x in [0, 1]: x log sigmoid(l) + (1 - x) log sigmoid(-l) = -x softplus(-l) - (1 - x)
     softplus(l), float64 and finite for any finite logits."""
     l64, x64 = logits.astype(np.float64), x.astype(np.float64)
@@ -132,8 +132,8 @@ def score(
     *,
     importance_weighted: bool,
 ) -> Scores:
-    """Scores of images x [N, 784] from m draws z [N, m, latent] of q(z|x) = N(mean,
-    exp(log_variance)) ([N, latent] each) and the decoder's logits at them [N * m, 784].
+    """Scores of images x [N, pixels] from m draws z [N, m, latent] of q(z|x) = N(mean,
+    exp(log_variance)) ([N, latent] each) and the decoder's logits at them [N * m, pixels].
 
     With log w_i = log p(x|z_i) + log p(z_i) - log q(z_i|x): negative_elbo = -mean_i log w_i
     (= reconstruction + kl, both averaged over the same draws) and iw_nll = -log mean_i w_i

@@ -3,15 +3,18 @@
 A V2 client sees two models, named after the served one (`mnist-vae`):
 
 - `<name>-decoder`: input `latent` FP32 [N, latent_size]; outputs `probabilities` FP32
-  [N, 28, 28] (vae.v1's IMAGE_FORMAT_PROBABILITIES) and `image` UINT8 [N, 28, 28]
+  [N, height, width] (vae.v1's IMAGE_FORMAT_PROBABILITIES) and `image` UINT8 [N, height, width]
   (round(255 p), vae.v1's IMAGE_FORMAT_UINT8).
-- `<name>-encoder`: input `image` FP32 in [0, 1] or UINT8, [N, 784] or [N, 28, 28]; outputs
-  `mean` and `log_variance` FP32 [N, latent_size].
+- `<name>-encoder`: input `image` FP32 in [0, 1] or UINT8, [N, pixels] or [N, height, width];
+  outputs `mean` and `log_variance` FP32 [N, latent_size].
+
+(height x width is IMAGE_SHAPE, `service.settings`; pixels its IMAGE_SIZE.)
 
 Their version is the repository's live version, and N is limited as in vae.v1
-(`max_items_per_request`). The input is checked by `service.codec`, vae.v1's own validation
-(shape, finite values, latent range, N within the limit), after the V2 framing (datatype, shape
-against the bytes or values sent) is checked here; every error names the tensor.
+(`max_items_per_request`). The input is checked by vae.v1's own validation (`service.codec`,
+`service.images`: shape, finite values, latent range, N within the limit), after the V2 framing
+(datatype, shape against the bytes or values sent) is checked here; every error names the
+tensor.
 
 Tensors travel as `raw_input_contents` / `raw_output_contents` (little-endian bytes, what
 tritonclient and perf_analyzer send) or as typed `contents` (fp32_contents, uint_contents).
@@ -29,10 +32,13 @@ import numpy as np
 
 from service import codec
 from service.errors import InvalidArgument, ServiceError
-from service.model.runtime import ModelInfo
+from service.images import HEIGHT, WIDTH, images_from_tensor
+from service.model.runtime import LATENT_LIMIT, ModelInfo
 from service.proto.inference.v2 import grpc_predict_v2_pb2 as pb
 from service.proto.vae.v1 import vae_pb2
 from service.sampling import to_uint8
+from service.settings import IMAGE_SHAPE, IMAGE_SIZE
+from service.tensors import MAX_DIMS
 
 PLATFORM = "onnxruntime_onnx"  # Triton's name for an ONNX model on ONNX Runtime
 DTYPES: dict[str, np.dtype] = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1")}
@@ -79,14 +85,14 @@ def models_of(info: ModelInfo) -> dict[str, V2Model]:
         "decoder",
         Tensor("latent", "FP32", latent),
         (Tensor("probabilities", "FP32", image), Tensor("image", "UINT8", image)),
-        f"latent: FP32 [-1, {info.latent_size}], values within +-{codec.LATENT_LIMIT:g}",
+        f"latent: FP32 [-1, {info.latent_size}], values within +-{LATENT_LIMIT:g}",
     )
     encoder = V2Model(
         f"{info.name}-encoder",
         "encoder",
-        Tensor("image", "FP32", (codec.IMAGE_SIZE,)),
+        Tensor("image", "FP32", (IMAGE_SIZE,)),
         (Tensor("mean", "FP32", latent), Tensor("log_variance", "FP32", latent)),
-        f"image: FP32 in [0, 1] or UINT8, [-1, {codec.IMAGE_SIZE}] or [-1, 28, 28]",
+        f"image: FP32 in [0, 1] or UINT8, [-1, {IMAGE_SIZE}] or [-1, {HEIGHT}, {WIDTH}]",
     )
     return {decoder.name: decoder, encoder.name: encoder}
 
@@ -107,7 +113,7 @@ def find_model(models: Mapping[str, V2Model], name: str, version: str, info: Mod
 def read_input(
     request: pb.ModelInferRequest, model: V2Model, info: ModelInfo, *, limit: int
 ) -> tuple[np.ndarray, bool]:
-    """The model's one input, validated: latents float32 [N, latent] or images float32 [N, 784]
+    """The model's one input, validated: latents float32 [N, latent] or images float32 [N, pixels]
     in [0, 1]; and whether it came as typed contents (the reply then uses them too)."""
     name = model.input.name
     if len(request.inputs) != 1:
@@ -124,18 +130,18 @@ def read_input(
             f"expected {' or '.join(model.input_datatypes)}, got '{tensor.datatype}'",
         )
     shape = list(tensor.shape)
-    if not 1 <= len(shape) <= codec.MAX_DIMS or any(d < 0 for d in shape):
+    if not 1 <= len(shape) <= MAX_DIMS or any(d < 0 for d in shape):
         raise InvalidArgument(
             f"{name}.shape",
-            f"expected [N, ...] of at most {codec.MAX_DIMS} non-negative sizes, got "
-            f"{shape[: codec.MAX_DIMS + 1]}",
+            f"expected [N, ...] of at most {MAX_DIMS} non-negative sizes, got "
+            f"{shape[: MAX_DIMS + 1]}",
         )
     data, typed = _input_bytes(request, tensor, name, math.prod(shape))
     v1 = vae_pb2.Tensor(shape=shape, dtype=V1_DTYPES[tensor.datatype], data=data)
     if model.network == "decoder":
         array = codec.latents_in(v1, name, latent_size=info.latent_size, limit=limit)
     else:
-        array = codec.images_from_tensor(v1, name, limit=limit)
+        array = images_from_tensor(v1, name, limit=limit)
     return array, typed
 
 
@@ -204,9 +210,9 @@ def requested_outputs(request: pb.ModelInferRequest, model: V2Model) -> list[Ten
 
 
 def decoder_outputs(probabilities: np.ndarray, wanted: Sequence[Tensor]) -> list[np.ndarray]:
-    """The decoder's outputs asked for, from its probabilities float32 [N, 784]: the images as
+    """The decoder's outputs asked for, from its probabilities float32 [N, pixels]: the images as
     vae.v1 Decode makes them (the same function, so the same bytes)."""
-    images = probabilities.reshape(-1, *codec.IMAGE_SHAPE)
+    images = probabilities.reshape(-1, *IMAGE_SHAPE)
     return [to_uint8(images) if t.name == "image" else images for t in wanted]
 
 

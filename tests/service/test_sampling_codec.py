@@ -13,6 +13,7 @@ from hypothesis.extra import numpy as hnp
 
 from service import codec, sampling
 from service.errors import InvalidArgument
+from service.images import images_from_png, images_from_tensor, images_into
 from service.proto.vae.v1 import vae_pb2
 from vae_client.client import to_tensor
 
@@ -88,8 +89,8 @@ def test_sigmoid_in_place_is_exact_and_quiet_at_the_extremes() -> None:
 @settings(max_examples=30, deadline=None)
 @given(images=hnp.arrays(np.uint8, st.tuples(st.integers(1, 5), st.just(28), st.just(28))))
 def test_image_tensors_decode_to_unit_floats(images: np.ndarray) -> None:
-    as_uint8 = codec.images_from_tensor(to_tensor(images), "images.tensor", limit=10)
-    as_float = codec.images_from_tensor(
+    as_uint8 = images_from_tensor(to_tensor(images), "images.tensor", limit=10)
+    as_float = images_from_tensor(
         to_tensor(images.reshape(-1, 784).astype(np.float32) / 255), "images.tensor", limit=10
     )
     assert as_uint8.shape == (len(images), 784) and as_uint8.dtype == np.float32
@@ -98,14 +99,15 @@ def test_image_tensors_decode_to_unit_floats(images: np.ndarray) -> None:
 
 def test_float_image_tensor_is_a_view_not_a_copy() -> None:
     tensor = to_tensor(np.full((3, 784), 0.25, np.float32))
-    images = codec.images_from_tensor(tensor, "images.tensor", limit=10)
+    images = images_from_tensor(tensor, "images.tensor", limit=10)
     assert not images.flags.owndata and not images.flags.writeable  # a view on the bytes
 
 
 def test_png_output_round_trips() -> None:
     p = np.random.default_rng(0).random((3, 784), dtype=np.float32)
-    output = codec.images_out(p, vae_pb2.IMAGE_FORMAT_PNG, seed=0)
-    decoded = codec.images_from_png(list(output.png), "png", limit=10)
+    output = vae_pb2.ImageOutput()
+    images_into(output, p, vae_pb2.IMAGE_FORMAT_PNG, seed=0)
+    decoded = images_from_png(list(output.png), "png", limit=10)
     np.testing.assert_allclose(decoded * 255, sampling.to_uint8(p), atol=1e-3)
 
 

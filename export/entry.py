@@ -2,7 +2,8 @@
 
 Training, evaluation and export need the `train` extra (torch, onnx, mlxtend). The serving image
 and a plain `pip install vae-serve` leave it out, yet install every console script of the
-package; these wrappers turn the missing extra into one line and exit status 2.
+package; these wrappers turn the missing extra into one line and exit status 1 (each command's
+own `main` does the same for its errors: the library code below raises, never exits).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Holding: when a partial batch waits for more rows, under the adaptive policy of
-`service.batching.batcher` (`max_queue_delay` 0, `adaptive_queue_delay` > 0).
+`service.batching.gather` (`max_queue_delay` 0, `adaptive_queue_delay` > 0).
 
 Small requests from many callers would each run alone: a run ends before the next call reaches
 the batcher, so every call pays a run's fixed cost, and gRPC its cost of waking up for a lone

@@ -2,7 +2,7 @@
 requests dropped), and what the run owes them back (their rows of its outputs, reassembled in
 order for a request split over several runs).
 
-Kept apart from `service.batching.batcher`, which decides when runs start; nothing here waits.
+Kept apart from `service.batching.gather`, which decides when runs start; nothing here waits.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Seeded randomness and pixel conversions: pure numpy, shared by the servicer and the codec.
+"""Seeded randomness and pixel conversions: pure numpy, shared by the servicers, the image formats
+and the runtime.
 
 Every draw comes from its own stream of the request's seed, one per purpose, so the latents of
 Sample and the Bernoulli draws of IMAGE_FORMAT_BINARY never share random numbers, and a result

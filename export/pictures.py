@@ -10,17 +10,14 @@ import numpy as np
 import torch
 
 from export.model import VAE
+from vae_client import pictures
 from vae_data.mnist import IMAGE_SHAPE, Dataset
 
 
-def tile(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """[rows * cols, 784] in [0, 1] -> one image with a 1-pixel light gap between digits."""
-    h, w = IMAGE_SHAPE
-    grid = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1), 0.5, dtype=np.float32)
-    for i, image in enumerate(images[: rows * cols]):
-        r, c = divmod(i, cols)
-        grid[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = image.reshape(h, w)
-    return grid
+def sheet(images: np.ndarray, columns: int) -> np.ndarray:
+    """[N, 784] in [0, 1] -> one image, the digits 1 pixel apart on mid-grey (laid out by the
+    client's tiler, `vae_client.pictures.tile`, behind every grid of digits)."""
+    return pictures.tile(images.reshape(-1, *IMAGE_SHAPE), columns, gap=1, fill=0.5)
 
 
 @torch.no_grad()
@@ -52,14 +49,14 @@ def write_pictures(
         ("test images", "reconstructions (decoder of mean)"),
         strict=True,
     ):
-        ax.imshow(tile(images, 8, 8), cmap="gray", vmin=0, vmax=1)
+        ax.imshow(sheet(images, 8), cmap="gray", vmin=0, vmax=1)
         ax.set_title(title)
         ax.axis("off")
     save(fig, "reconstructions.png")
 
     z = torch.randn((100, model.config.latent_size), generator=generator)
     fig, ax = plt.subplots(figsize=(6, 6.3))
-    ax.imshow(tile(torch.sigmoid(model.decoder(z)).numpy(), 10, 10), cmap="gray", vmin=0, vmax=1)
+    ax.imshow(sheet(torch.sigmoid(model.decoder(z)).numpy(), 10), cmap="gray", vmin=0, vmax=1)
     ax.set_title("samples from the prior (Bernoulli means)")
     ax.axis("off")
     save(fig, "samples.png")
@@ -68,7 +65,7 @@ def write_pictures(
         q = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, 20))
         grid = torch.stack(torch.meshgrid(q, -q, indexing="xy"), dim=-1).reshape(-1, 2)
         fig, ax = plt.subplots(figsize=(8, 8.3))
-        ax.imshow(tile(torch.sigmoid(model.decoder(grid)).numpy(), 20, 20), cmap="gray")
+        ax.imshow(sheet(torch.sigmoid(model.decoder(grid)).numpy(), 20), cmap="gray")
         ax.set_title("the 2-D latent manifold (decoded Gaussian quantiles)")
         ax.axis("off")
         save(fig, "manifold.png")

@@ -5,7 +5,7 @@ vae-client sample -n 64 --seed 1 --out samples.png     # a PNG grid; no --out: A
 vae-client sample -n 1 --seed 7 --out digit.png        # one image: a plain 28x28 PNG
 vae-client encode digit.png [more.png ...] [--out latents.npy]
 vae-client decode latents.npy --out decoded.png        # or: decode --z -0.1,1,0.5,2
-vae-client interpolate a.png b.png --steps 10 [--slerp] [--gif]  # exploration: explore.py
+vae-client interpolate a.png b.png --steps 10 [--slerp] [--gif]  # exploration: vae_client.explore
 vae-client attribute --ink | --labels 3 8 | --groups DIR_A DIR_B [IMG ...] [--strengths ...]
 vae-client traverse digit.png [--dims 0-7] [--range -3 3] [--steps 9]
 vae-client manifold [-n 15] [--dims I J]
@@ -15,7 +15,6 @@ vae-client score digit.png [...] [--threshold-percentile 99]
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -26,11 +25,12 @@ import grpc
 import numpy as np
 from PIL import Image
 
-from vae_client import explore
+from vae_client import explore, pictures
 from vae_client.client import DEFAULT_TIMEOUT, FORMATS, Images, VaeClient, tls_credentials
 from vae_client.explore_inputs import read_png
 
 ASCII_RAMP = " .:-=+*#%@"
+GRID_PADDING = 2  # black pixels between and around the tiles of a PNG grid
 VALUE_FLAGS = {"--z"}  # flags whose value may start with '-' (see _attach_values)
 # TLS to a server started with --tls-cert/--tls-key: the CA to trust, and the client's own
 # certificate and key for mutual TLS.
@@ -41,23 +41,14 @@ TLS_FLAGS = {
 }
 
 
-def grid(images: np.ndarray, columns: int | None = None, padding: int = 2) -> np.ndarray:
-    """uint8 [N, H, W] -> one uint8 image with the N tiles in rows, `padding` black pixels apart."""
-    n, h, w = images.shape
-    cols = columns or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    out = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding), np.uint8)
-    for i, image in enumerate(images):
-        r, c = divmod(i, cols)
-        y, x = padding + r * (h + padding), padding + c * (w + padding)
-        out[y : y + h, x : x + w] = image
-    return out
-
-
 def write_grid(images: np.ndarray, path: Path, columns: int | None = None) -> tuple[int, int]:
     """Save the images as one PNG grid; returns its (width, height) in pixels. One image is
     saved as itself (28x28, no border), so it can be sent back to `encode`."""
-    picture = Image.fromarray(images[0] if len(images) == 1 else grid(images, columns), mode="L")
+    if len(images) == 1:
+        tiled = images[0]
+    else:
+        tiled = pictures.tile(images, columns, gap=GRID_PADDING, border=GRID_PADDING)
+    picture = Image.fromarray(tiled, mode="L")
     picture.save(path, format="PNG")
     return picture.size
 

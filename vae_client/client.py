@@ -10,28 +10,46 @@ coming from the server: gRPC core answers it to a call that reached a pod in the
 began to shut down, before the server had taken the call up (grpc/grpc#41785). Every VaeService
 method is a pure function of its request, so a retry on another pod is always safe; a call the
 client cancels or whose deadline passes is never retried.
+
+The requests and the reply types live in `vae_client.messages`, the array conversions in
+`vae_client.tensors`; what SDK users need of them is importable from here too.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import grpc
 import numpy as np
 
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
+from vae_client.messages import (
+    Encoded,
+    Images,
+    ModelInfo,
+    Scores,
+    decode_request,
+    decoded_from,
+    encode_request,
+    encoded_from,
+    info_from,
+    interpolate_request,
+    interpolated_from,
+    sample_request,
+    sampled_from,
+    score_request,
+    scores_from,
+)
+from vae_client.messages import bits_per_pixel as bits_per_pixel
+from vae_client.tensors import FORMATS as FORMATS
+from vae_client.tensors import EndpointLike, ImageFormatName, PathName
+from vae_client.tensors import endpoint as endpoint
+from vae_client.tensors import from_tensor as from_tensor
+from vae_client.tensors import images_from as images_from
+from vae_client.tensors import to_tensor as to_tensor
 
-ImageFormatName = Literal["probabilities", "uint8", "binary", "png"]
-FORMATS: dict[str, vae_pb2.ImageFormat.ValueType] = {
-    "probabilities": vae_pb2.IMAGE_FORMAT_PROBABILITIES,
-    "uint8": vae_pb2.IMAGE_FORMAT_UINT8,
-    "binary": vae_pb2.IMAGE_FORMAT_BINARY,
-    "png": vae_pb2.IMAGE_FORMAT_PNG,
-}
 DEFAULT_TIMEOUT = 30.0
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -74,210 +92,6 @@ def tls_credentials(
     root, chain, private = (p.read_bytes() if p is not None else None for p in (ca, cert, key))
     return grpc.ssl_channel_credentials(
         root_certificates=root, private_key=private, certificate_chain=chain
-    )
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    version: int
-    latent_size: int
-    image_shape: tuple[int, ...]
-    providers: tuple[str, ...]
-    metrics: dict[str, float]
-    max_items_per_request: int
-    precision: str
-
-
-@dataclass(frozen=True)
-class Encoded:
-    mean: np.ndarray  # float32 [N, latent]
-    log_variance: np.ndarray  # float32 [N, latent]
-    samples: np.ndarray | None  # float32 [N, samples_per_image, latent]
-    seed: int
-
-
-@dataclass(frozen=True)
-class Images:
-    images: np.ndarray | list[bytes]  # [N, 28, 28] (float32 or uint8), or PNG files
-    seed: int
-    latents: np.ndarray | None = None  # Sample and Interpolate with return_latents
-
-
-def to_tensor(array: np.ndarray) -> vae_pb2.Tensor:
-    if array.dtype == np.uint8:
-        dtype, little = vae_pb2.DATA_TYPE_UINT8, array
-    else:
-        dtype, little = vae_pb2.DATA_TYPE_FLOAT32, array.astype("<f4", copy=False)
-    return vae_pb2.Tensor(
-        shape=array.shape, dtype=dtype, data=np.ascontiguousarray(little).tobytes()
-    )
-
-
-def from_tensor(tensor: vae_pb2.Tensor) -> np.ndarray:
-    dtype = np.uint8 if tensor.dtype == vae_pb2.DATA_TYPE_UINT8 else np.dtype("<f4")
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(tuple(tensor.shape))
-
-
-def image_input(images: np.ndarray | list[bytes]) -> vae_pb2.ImageInput:
-    """uint8 or float32 [N, 784] / [N, 28, 28] arrays, or a list of PNG files."""
-    if isinstance(images, list):
-        return vae_pb2.ImageInput(png=vae_pb2.PngImages(images=images))
-    return vae_pb2.ImageInput(tensor=to_tensor(np.asarray(images)))
-
-
-def images_from(output: vae_pb2.ImageOutput) -> np.ndarray | list[bytes]:
-    if output.format == vae_pb2.IMAGE_FORMAT_PNG:
-        return list(output.png)
-    return from_tensor(output.tensor)
-
-
-def info_from(reply: vae_pb2.ModelInfo) -> ModelInfo:
-    return ModelInfo(
-        name=reply.name,
-        version=reply.version,
-        latent_size=reply.latent_size,
-        image_shape=tuple(reply.image_shape),
-        providers=tuple(reply.providers),
-        metrics=dict(reply.metrics),
-        max_items_per_request=reply.max_items_per_request,
-        precision=reply.precision or "fp32",
-    )
-
-
-def encoded_from(reply: vae_pb2.EncodeResponse) -> Encoded:
-    samples = from_tensor(reply.samples) if reply.HasField("samples") else None
-    return Encoded(from_tensor(reply.mean), from_tensor(reply.log_variance), samples, reply.seed)
-
-
-def sample_request(
-    count: int, seed: int | None, temperature: float | None, image_format: str, return_latents: bool
-) -> vae_pb2.SampleRequest:
-    return vae_pb2.SampleRequest(
-        count=count,
-        seed=seed,
-        temperature=temperature,
-        format=FORMATS[image_format],
-        return_latents=return_latents,
-    )
-
-
-def encode_request(
-    images: np.ndarray | list[bytes], samples_per_image: int, seed: int | None
-) -> vae_pb2.EncodeRequest:
-    return vae_pb2.EncodeRequest(
-        images=image_input(images), samples_per_image=samples_per_image, seed=seed
-    )
-
-
-def decode_request(
-    latents: np.ndarray, image_format: str, seed: int | None
-) -> vae_pb2.DecodeRequest:
-    return vae_pb2.DecodeRequest(
-        latents=to_tensor(np.asarray(latents, dtype=np.float32)),
-        format=FORMATS[image_format],
-        seed=seed,
-    )
-
-
-def decoded_from(reply: vae_pb2.DecodeResponse) -> Images:
-    return Images(images_from(reply.images), reply.seed)
-
-
-def sampled_from(reply: vae_pb2.SampleResponse) -> Images:
-    latents = from_tensor(reply.latents) if reply.HasField("latents") else None
-    return Images(images_from(reply.images), reply.seed, latents)
-
-
-# An Interpolate endpoint: PNG bytes or an image array ([28, 28] or [784], uint8 or float32 in
-# [0, 1], optionally with a leading 1), encoded to its mean by the server; any other array is a
-# latent ([latent] or [1, latent], float32).
-EndpointLike = np.ndarray | bytes
-PathName = Literal["linear", "spherical"]
-PATHS: dict[str, vae_pb2.InterpolationPath.ValueType] = {
-    "linear": vae_pb2.INTERPOLATION_PATH_LINEAR,
-    "spherical": vae_pb2.INTERPOLATION_PATH_SPHERICAL,
-}
-IMAGE_SHAPES = ((28, 28), (784,), (1, 28, 28), (1, 784))
-
-
-@dataclass(frozen=True)
-class Scores:
-    """Per image, in nats (float64 [N] each); `iw_nll` is None without importance samples."""
-
-    negative_elbo: np.ndarray
-    reconstruction: np.ndarray
-    kl: np.ndarray
-    iw_nll: np.ndarray | None
-    samples: int  # draws per image behind the estimates
-    seed: int
-
-    @property
-    def best(self) -> np.ndarray:
-        """The tightest estimate of -log p(x) the reply has: iw_nll if present, else the
-        negative ELBO."""
-        return self.iw_nll if self.iw_nll is not None else self.negative_elbo
-
-
-def bits_per_pixel(nats: np.ndarray | float, pixels: int = 784) -> np.ndarray:
-    """nats per image -> bits per pixel (divide by pixels * ln 2)."""
-    return np.asarray(nats, dtype=np.float64) / (pixels * math.log(2))
-
-
-def endpoint(value: EndpointLike) -> vae_pb2.Endpoint:
-    """PNG bytes or an image-shaped array -> an image endpoint; any other array -> a latent."""
-    if isinstance(value, bytes):
-        return vae_pb2.Endpoint(image=image_input([value]))
-    array = np.asarray(value)
-    if array.dtype == np.uint8 or array.shape in IMAGE_SHAPES:
-        return vae_pb2.Endpoint(image=image_input(array.reshape(1, -1)))
-    return vae_pb2.Endpoint(latent=to_tensor(array.astype(np.float32, copy=False)))
-
-
-def interpolate_request(
-    start: EndpointLike,
-    end: EndpointLike,
-    steps: int,
-    path: str,
-    image_format: str,
-    seed: int | None,
-    return_latents: bool,
-) -> vae_pb2.InterpolateRequest:
-    return vae_pb2.InterpolateRequest(
-        start=endpoint(start),
-        end=endpoint(end),
-        steps=steps,
-        path=PATHS[path],
-        format=FORMATS[image_format],
-        seed=seed,
-        return_latents=return_latents,
-    )
-
-
-def interpolated_from(reply: vae_pb2.InterpolateResponse) -> Images:
-    latents = from_tensor(reply.latents) if reply.HasField("latents") else None
-    return Images(images_from(reply.images), reply.seed, latents)
-
-
-def score_request(
-    images: np.ndarray | list[bytes], importance_samples: int, seed: int | None
-) -> vae_pb2.ScoreRequest:
-    return vae_pb2.ScoreRequest(
-        images=image_input(images), importance_samples=importance_samples, seed=seed
-    )
-
-
-def scores_from(reply: vae_pb2.ScoreResponse) -> Scores:
-    def column(values: Any) -> np.ndarray:
-        return np.array(values, dtype=np.float64)
-
-    return Scores(
-        negative_elbo=column(reply.negative_elbo),
-        reconstruction=column(reply.reconstruction),
-        kl=column(reply.kl),
-        iw_nll=column(reply.iw_nll) if len(reply.iw_nll) else None,
-        samples=reply.samples,
-        seed=reply.seed,
     )
 
 

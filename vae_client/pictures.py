@@ -1,5 +1,6 @@
-"""Pictures a person can read, with Pillow alone (the serving image has no matplotlib): grids of
-digits with row and column labels, an animated GIF, and a histogram with marks.
+"""Pictures a person can read, with numpy and Pillow alone (the client needs no matplotlib): the
+one plain tiler of digits (`tile`, also behind the CLI's PNG grids and the training pictures),
+grids of digits with row and column labels, an animated GIF, and a histogram with marks.
 
 Digits are drawn as they come (white on black), enlarged `scale` times with nearest-neighbour
 so the pixels stay visible, on a white page with black captions.
@@ -7,6 +8,7 @@ so the pixels stay visible, on a white page with black captions.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
@@ -42,6 +44,23 @@ def enlarge(image: np.ndarray, scale: int) -> Image.Image:
     if scale == 1:
         return tile
     return tile.resize((tile.width * scale, tile.height * scale), Image.Resampling.NEAREST)
+
+
+def tile(
+    images: np.ndarray, columns: int | None = None, *, gap: int, border: int = 0, fill: float = 0
+) -> np.ndarray:
+    """[N, H, W] -> one [H', W'] array of the same dtype, the tiles row-major (`columns` of
+    them, a square by default), `gap` pixels of `fill` between them and `border` around."""
+    n, h, w = images.shape
+    cols = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    shape = (2 * border + rows * (h + gap) - gap, 2 * border + cols * (w + gap) - gap)
+    out = np.full(shape, fill, dtype=images.dtype)
+    for i, image in enumerate(images):
+        r, c = divmod(i, cols)
+        y, x = border + r * (h + gap), border + c * (w + gap)
+        out[y : y + h, x : x + w] = image
+    return out
 
 
 def tile_grid(
@@ -108,6 +127,12 @@ def save(picture: Image.Image, path: Path) -> tuple[int, int]:
     """Write a PNG; returns its (width, height)."""
     picture.save(path, format="PNG")
     return picture.size
+
+
+def save_reported(picture: Image.Image, path: Path, what: str) -> None:
+    """Write a PNG and print what it shows, where it went and its size in pixels."""
+    width, height = save(picture, path)
+    print(f"{what} -> {path} ({width}x{height} px)")
 
 
 def save_gif(frames: np.ndarray, path: Path, *, scale: int = 4, frame_ms: int = 120) -> int:

@@ -19,7 +19,7 @@ from PIL import Image
 from service_harness import Served, running, scrape, tiny_settings
 
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
-from vae_client import cli
+from vae_client import cli, pictures
 from vae_client.client import AsyncVaeClient, VaeClient
 
 
@@ -210,7 +210,7 @@ def test_vae_client_console_script(served: Served) -> None:
 
 def test_cli_grid_shapes() -> None:
     images = np.full((5, 28, 28), 255, np.uint8)
-    grid = cli.grid(images, columns=2)
+    grid = pictures.tile(images, columns=2, gap=cli.GRID_PADDING, border=cli.GRID_PADDING)
     assert grid.shape == (3 * 30 + 2, 2 * 30 + 2)
     assert grid[:2].max() == 0 and grid[2:30, 2:30].min() == 255  # padding, then tile 0
     assert grid[62:90, 32:60].max() == 0  # the sixth cell stays empty

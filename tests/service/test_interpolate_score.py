@@ -19,7 +19,7 @@ from service_harness import Served, scrape
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
 from vae_client import latent
 from vae_client.client import AsyncVaeClient, VaeClient, endpoint, from_tensor, to_tensor
-from vae_client.explore import move_along
+from vae_client.explore_attribute import move_along
 from vae_client.explore_inputs import encode_means, score_all
 from vae_client.gallery import letter
 from vae_data.mnist import binarized_test_set

@@ -125,8 +125,7 @@ PEERS_ARGS ?= --duration 5 --warmup 1
 
 .PHONY: peers bench-peers
 
-peers: $(PEERS)/.venv-triton/perf-libs $(PEERS)/.venv-mlserver/.installed \
-	$(PEERS)/v2/grpc_predict_v2_pb2.py
+peers: $(PEERS)/.venv-triton/perf-libs $(PEERS)/.venv-mlserver/.installed
 
 $(PEERS)/.venv-%/.installed: $(PEERS)/requirements-%.txt
 	rm -rf $(PEERS)/.venv-$*
@@ -141,10 +140,6 @@ $(PEERS)/.venv-triton/perf-libs: $(PEERS)/.venv-triton/.installed
 	ln -sf "$$(realpath $$libs/libb64-*.so.0d)" $@/libb64.so.0d && \
 	ln -sf "$$(realpath $$libs/libcudart-*.so.12.*)" $@/libcudart.so.12
 	touch $@
-
-$(PEERS)/v2/grpc_predict_v2_pb2.py: $(PEERS)/v2/grpc_predict_v2.proto | $(VENV)/.installed
-	PATH=$(BIN):$$PATH $(PY) -m grpc_tools.protoc -I$(PEERS) --python_out=$(PEERS) \
-		--grpc_python_out=$(PEERS) --mypy_out=$(PEERS) --mypy_grpc_out=$(PEERS) $<
 
 # PEERS_MODEL_DIR=<repo>/<name>/<version> serves that version; else the newest of `make model`.
 bench-peers: peers $(if $(PEERS_MODEL_DIR),,model)

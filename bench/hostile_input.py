@@ -11,17 +11,15 @@ INVALID_ARGUMENT (`ACCEPTABLE`).
 
 from __future__ import annotations
 
-import io
-import struct
-import zlib
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 import numpy as np
 from hypothesis import strategies as st
-from PIL import Image
 
+from bench.hostile_files import mutated, png, png_files, right_size_png
+from bench.hostile_files import png_header_only as png_header_only
 from service.proto.vae.v1 import vae_pb2
 
 SERVICE = "/vae.v1.VaeService/"
@@ -57,83 +55,6 @@ def enums(values: list[int]) -> st.SearchStrategy[int]:
 SEEDS = st.one_of(st.none(), UINT64)
 FORMATS = enums(list(vae_pb2.ImageFormat.values()))
 TEMPERATURES = mostly(st.one_of(st.none(), st.floats(0.125, 8, width=32)), FLOAT32)
-
-
-def _png(width: int, height: int, mode: str, fill: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.new(mode, (width, height), fill).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims `width` x `height` with a one-byte image stream: what a
-    decompression bomb or a lying file looks like before decoding."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0"))
-        + chunk(b"IEND", b"")
-    )
-
-
-@st.composite
-def _mutated(draw: st.DrawFn, original: bytes) -> bytes:
-    """`original` with bytes flipped, cut or inserted."""
-    data = bytearray(original)
-    for _ in range(draw(st.integers(1, 4))):
-        if not data:
-            break
-        at = draw(st.integers(0, len(data) - 1))
-        how = draw(st.sampled_from(["flip", "cut", "insert"]))
-        if how == "flip":
-            data[at] ^= draw(st.integers(1, 255))
-        elif how == "cut":
-            del data[at:]
-        else:
-            data[at:at] = draw(st.binary(min_size=1, max_size=8))
-    return bytes(data)
-
-
-def _right_png() -> st.SearchStrategy[bytes]:
-    return st.builds(
-        _png, st.just(28), st.just(28), st.sampled_from(["L", "RGB", "P", "1"]), st.integers(0, 255)
-    )
-
-
-def png_files() -> st.SearchStrategy[bytes]:
-    """Real PNGs of every size and mode, broken ones, headers that lie, other formats, noise."""
-    real = st.builds(
-        _png,
-        st.integers(1, 40),
-        st.integers(1, 40),
-        st.sampled_from(["L", "RGB", "RGBA", "P", "1", "I;16", "LA"]),
-        st.integers(0, 255),
-    )
-    right_size = _right_png()
-    liars = st.builds(png_header_only, st.integers(0, 2**31 - 1), st.integers(0, 2**31 - 1))
-    return st.one_of(
-        right_size,
-        real,
-        right_size.flatmap(_mutated),
-        liars,
-        st.just(png_header_only(28, 28)),
-        st.just(png_header_only(100_000, 100_000)),  # 10^10 pixels: a decompression bomb
-        st.just(_gif()),
-        st.binary(max_size=64),
-    )
-
-
-def _gif() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("L", (28, 28)).save(buffer, format="GIF")
-    return buffer.getvalue()
 
 
 @st.composite
@@ -184,7 +105,7 @@ def image_inputs() -> st.SearchStrategy[vae_pb2.ImageInput]:
     image_tensors = tensors(
         [(784,), (28, 28)], [vae_pb2.DATA_TYPE_FLOAT32, vae_pb2.DATA_TYPE_UINT8]
     )
-    png_list = st.lists(mostly(_right_png(), png_files()), min_size=1, max_size=MAX_ROWS)
+    png_list = st.lists(mostly(right_size_png(), png_files()), min_size=1, max_size=MAX_ROWS)
     return mostly(
         st.one_of(
             st.builds(vae_pb2.ImageInput, tensor=image_tensors),
@@ -211,7 +132,7 @@ def requests(latent_size: int) -> dict[str, st.SearchStrategy[Any]]:
         latents,
     )
     one_image = mostly(
-        _right_png().map(lambda f: vae_pb2.ImageInput(png=vae_pb2.PngImages(images=[f]))),
+        right_size_png().map(lambda f: vae_pb2.ImageInput(png=vae_pb2.PngImages(images=[f]))),
         image_inputs(),
     )
     endpoint = mostly(
@@ -259,7 +180,7 @@ def requests(latent_size: int) -> dict[str, st.SearchStrategy[Any]]:
 
 def raw_messages(valid: bytes) -> st.SearchStrategy[bytes]:
     """Bytes sent as a message: noise, or the serialized `valid` request damaged."""
-    return st.one_of(st.binary(max_size=256), _mutated(valid), st.just(valid))
+    return st.one_of(st.binary(max_size=256), mutated(valid), st.just(valid))
 
 
 VALID_BYTES = {
@@ -272,7 +193,7 @@ VALID_BYTES = {
     "Sample": vae_pb2.SampleRequest(count=2, seed=1, temperature=0.5).SerializeToString(),
     "GetModelInfo": b"",
     "Score": vae_pb2.ScoreRequest(
-        images=vae_pb2.ImageInput(png=vae_pb2.PngImages(images=[_png(28, 28, "L", 7)]))
+        images=vae_pb2.ImageInput(png=vae_pb2.PngImages(images=[png(28, 28, "L", 7)]))
     ).SerializeToString(),
 }
 

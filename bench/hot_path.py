@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.machine import cpu
-from bench.served_process import MALLOC_ENV
+from bench.machine import cpu, git_commit
+from bench.servers import MALLOC_ENV
 from service import codec
 from service.proto.vae.v1 import vae_pb2
 
@@ -66,11 +66,6 @@ def allocator_child(seconds: float, rounds: int) -> None:
     """In a child process: ms to build and serialize one 1024-image float32 reply."""
     p = probabilities(1024)
     print(json.dumps(per_call(lambda: reply_in_place(p), seconds, rounds) * 1e3))
-
-
-def git_commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return result.stdout.strip()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import os
 import threading
 import time
 from collections import Counter
@@ -23,7 +22,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.served_process import ServerProcess
+from bench.servers import ServerProcess
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
 from vae_client.client import MAX_MESSAGE_BYTES
 
@@ -208,10 +207,6 @@ class HealthProbe:
 
 
 # -- the server's health and memory ---------------------------------------------------------
-
-
-def machine() -> dict[str, Any]:
-    return {"cpus": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
 class RssSampler:

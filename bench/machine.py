@@ -1,11 +1,12 @@
-"""The machine a figure was measured on, for every results file: the CPU's model name, its
-vector instruction sets (AVX, AVX-512, VNNI, AMX: what ONNX Runtime's kernels and int8 speed
-depend on), the CPUs and Python."""
+"""The machine and the code a figure was measured on, for every results file: the CPU's model
+name, its vector instruction sets (AVX, AVX-512, VNNI, AMX: what ONNX Runtime's kernels and int8
+speed depend on), the CPUs and Python; the load average (the machine is shared); the commit."""
 
 from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -21,3 +22,19 @@ def cpu() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
     }
+
+
+def load_now() -> dict[str, Any]:
+    """The CPUs and the load average now: was anything else running?"""
+    return {"cpus": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()]}
+
+
+def git_commit() -> str | None:
+    """The short commit of the checkout the figures come from (None outside git)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+    except OSError:
+        return None
+    return out.stdout.strip() or None

@@ -32,9 +32,10 @@ from typing import Any
 
 import uvloop
 
+from bench.machine import git_commit
+from bench.placement import model_flags
 from bench.readme_block import replace_block
-from bench.run_bench import git_commit
-from bench.servers import BenchServer, model_flags
+from bench.servers import ServerProcess
 from vae_client.loadtest import LoadConfig, run_all
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -102,7 +103,7 @@ def parts(collapsed: str) -> tuple[Counter[str], int]:
 
 
 def record(
-    server: BenchServer, count: int, concurrency: int, args: argparse.Namespace, out: Path
+    server: ServerProcess, count: int, concurrency: int, args: argparse.Namespace, out: Path
 ) -> dict[str, Any]:
     """py-spy on the server while the load runs; the samples by part and the load's figures."""
     command = [
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.stacks:
         args.stacks.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
-        server = BenchServer.start_vae_serve(
+        server = ServerProcess.start_vae_serve(
             "service", args.server_cpus, Path(tmp) / "service.log", dict(os.environ), model
         )
         try:

@@ -1,4 +1,4 @@
-"""The fault scenarios of the reliability campaign (bench/reliability.py), and its summary.
+"""The process faults of the reliability campaign (bench/reliability.py).
 
 - `sigterm_under_load`: SIGTERM to a server with calls in flight and callers that keep calling;
   no admitted call may be lost (each one in flight at the signal ends OK, or was refused before
@@ -8,48 +8,37 @@
   shows what the retries save.
 - `reload_under_load`: a corrupted version then a good one, each announced by SIGHUP, under load:
   the first is rejected and the old keeps serving, the second goes live, no call fails.
-- `tls_faults`: truncated handshakes, stalled handshakes and plaintext clients against a TLS
-  port: all refused, the server serves TLS clients throughout, its memory flat.
-- `soak`: minutes of steady mixed load with RSS sampled: growth after warm-up under 5 percent.
+
+The connection faults are in bench/reliability_tls.py, the soak in bench/reliability_soak.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import json
 import re
 import shutil
 import signal
-import socket
-import ssl
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from statistics import median
 from typing import Any
 
 import grpc
-import numpy as np
 
-from bench.certificates import make_pki
 from bench.load_drivers import (
-    MB,
     OPTIONS,
     Call,
     Callers,
-    RssSampler,
     codes,
     health_ok,
     mb,
     percentiles_ms,
 )
-from bench.served_process import ServerProcess
+from bench.servers import ServerProcess
 from export.manifest import MANIFEST_FILE
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
-from vae_client.client import channel_options, tls_credentials
+from vae_client.client import channel_options
 
 IN_FLIGHT_AT_SIGTERM = re.compile(r"(\d+) (?:inference )?calls\s+in flight get up to")
 
@@ -235,144 +224,4 @@ def reload_under_load(repo: Path, model: str) -> dict[str, Any]:
         and version_after_corrupt == 1
         and version_after_good == 3
         and reloads == {"success": 1, "failure": 1},
-    }
-
-
-def _client_hello(ca: Path) -> bytes:
-    context = ssl.create_default_context(cafile=str(ca))
-    context.set_alpn_protocols(["h2"])
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
-    with contextlib.suppress(ssl.SSLWantReadError):  # it waits for the server's answer
-        tls.do_handshake()
-    return outgoing.read()
-
-
-def tls_faults(repo: Path, model: str, rounds: int = 200) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="vae-pki-") as tmp:
-        pki = make_pki(Path(tmp))
-        flags = (f"--tls-cert={pki.server_cert}", f"--tls-key={pki.server_key}")
-        with ServerProcess.start(repo, model, *flags).wait_serving() as server:
-            address = ("127.0.0.1", server.port)
-            trusted = tls_credentials(ca=pki.ca)
-            secure = grpc.secure_channel(f"localhost:{server.port}", trusted, options=OPTIONS)
-            stub = vae_pb2_grpc.VaeServiceStub(secure)
-            info = vae_pb2.GetModelInfoRequest()
-            for _ in range(20):  # warm: the same calls as after the faults
-                stub.Sample(vae_pb2.SampleRequest(count=16), timeout=30)
-            rss_before = server.rss_bytes()
-            hello = _client_hello(pki.ca)
-            stalled = []
-            for i in range(rounds):
-                with socket.create_connection(address, timeout=10) as raw:
-                    raw.sendall(hello[: len(hello) // 2])  # then hang up mid-handshake
-                if i % 4 == 0:  # and some stay open, stalled mid-handshake
-                    held = socket.create_connection(address, timeout=10)
-                    held.sendall(hello[:20])
-                    stalled.append(held)
-            plaintext_codes: list[str] = []
-            for _ in range(rounds // 4):
-                with grpc.insecure_channel(server.target) as plain:
-                    try:
-                        vae_pb2_grpc.VaeServiceStub(plain).GetModelInfo(info, timeout=5)
-                        plaintext_codes.append("OK")
-                    except grpc.RpcError as e:
-                        plaintext_codes.append(e.code().name)  # type: ignore[attr-defined]
-            served = [
-                stub.Sample(vae_pb2.SampleRequest(count=16), timeout=30).images.tensor.shape[0]
-                for _ in range(20)
-            ]
-            for held in stalled:
-                held.close()
-            rss_after = server.rss_bytes()
-            secure.close()
-    return {
-        "truncated_handshakes": rounds,
-        "stalled_handshakes_held_open": len(stalled),
-        "plaintext_clients": len(plaintext_codes),
-        "plaintext_client_codes": dict(Counter(plaintext_codes)),
-        "tls_calls_after_ok": len(served),
-        "rss_mb_before": mb(rss_before),
-        "rss_mb_after": mb(rss_after),
-        "passed": "OK" not in plaintext_codes and served == [16] * 20,
-    }
-
-
-def soak(repo: Path, model: str, seconds: float) -> dict[str, Any]:
-    warm_up = min(30.0, seconds / 4)
-    rng = np.random.default_rng(0)
-    images = vae_pb2.ImageInput(
-        tensor=vae_pb2.Tensor(
-            shape=[64, 784],
-            dtype=vae_pb2.DATA_TYPE_UINT8,
-            data=rng.integers(0, 256, (64, 784), dtype=np.uint8).tobytes(),
-        )
-    )
-    with ServerProcess.start(repo, model).wait_serving() as server:
-        channel = grpc.insecure_channel(server.target, options=OPTIONS)
-        stub = vae_pb2_grpc.VaeServiceStub(channel)
-        latent = stub.GetModelInfo(vae_pb2.GetModelInfoRequest(), timeout=30).latent_size
-        z = rng.standard_normal((64, latent), dtype=np.float32)
-        latents = vae_pb2.Tensor(shape=z.shape, dtype=vae_pb2.DATA_TYPE_FLOAT32, data=z.tobytes())
-        end_a, end_b = (
-            vae_pb2.Endpoint(
-                latent=vae_pb2.Tensor(
-                    shape=[latent], dtype=vae_pb2.DATA_TYPE_FLOAT32, data=z[i].tobytes()
-                )
-            )
-            for i in (0, 1)
-        )
-        mix: list[tuple[str, Any]] = [
-            ("Sample", vae_pb2.SampleRequest(count=64, format=vae_pb2.IMAGE_FORMAT_UINT8)),
-            ("Encode", vae_pb2.EncodeRequest(images=images, samples_per_image=1)),
-            ("Decode", vae_pb2.DecodeRequest(latents=latents, format=vae_pb2.IMAGE_FORMAT_PNG)),
-            ("Score", vae_pb2.ScoreRequest(images=images, importance_samples=4)),
-            ("Interpolate", vae_pb2.InterpolateRequest(start=end_a, end=end_b, steps=16)),
-            ("GetModelInfo", vae_pb2.GetModelInfoRequest()),
-        ]
-
-        def make_call(ch: grpc.Channel) -> Callable[[], Any]:
-            """Each caller goes through the mix in turn."""
-            caller_stub = vae_pb2_grpc.VaeServiceStub(ch)
-            turns = itertools.cycle([(getattr(caller_stub, m), r) for m, r in mix])
-
-            def call() -> Any:
-                method, request = next(turns)
-                return method(request, timeout=30)
-
-            return call
-
-        rss = RssSampler(server, interval=1.0)
-        began = time.monotonic()
-        callers = Callers({"soak": channel}, make_call, count=4, pause=0.002)
-        time.sleep(seconds)
-        calls = callers.stop()
-        samples = rss.stop()
-        alive = health_ok(server.target)
-        channel.close()
-    after = [(t - began, r) for t, r in samples if t - began >= warm_up]
-    baseline = median(r for t, r in after if t < warm_up + 10)
-    final = median(r for t, r in after if t > seconds - 10)
-    peak = max(r for _, r in after)
-    slope = float(np.polyfit([t for t, _ in after], [r / MB for _, r in after], 1)[0]) * 60
-    errors = [c for c in calls if c.code != "OK"]
-    growth = 100 * (final - baseline) / baseline
-    return {
-        "load": "4 callers in turn: Sample 64, Encode 64, Decode 64 png, Score 64 x 4, "
-        "Interpolate 16, GetModelInfo",
-        "seconds": seconds,
-        "warm_up_seconds": warm_up,
-        "calls": len(calls),
-        "calls_per_s": round(len(calls) / seconds, 1),
-        "latency_ms": percentiles_ms(c.latency for c in calls),
-        "errors": len(errors),
-        "error_codes": codes(errors),
-        "rss_samples": len(samples),
-        "rss_mb_after_warm_up": mb(baseline),
-        "rss_mb_final": mb(final),
-        "rss_mb_peak_after_warm_up": mb(peak),
-        "rss_growth_percent": round(growth, 2),
-        "rss_trend_mb_per_minute": round(slope, 3),
-        "server_alive_after": alive,
-        "passed": not errors and growth < 5 and alive,
     }

@@ -22,7 +22,7 @@ import grpc
 
 from bench.hostile_input import raw_caller, status_of
 from bench.load_drivers import MB, RssSampler, health_ok, mb
-from bench.served_process import ServerProcess
+from bench.servers import ServerProcess
 from service.proto.vae.v1 import vae_pb2
 from service.settings import Settings
 

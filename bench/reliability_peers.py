@@ -24,13 +24,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.h2_peer import H2Peer
-from bench.served_process import ServerProcess
+from bench.servers import ServerProcess
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
+from vae_client.client import MAX_MESSAGE_BYTES
 
 POD_LIMIT_MB = 2048  # deploy/k8s/base/deployment.yaml
 SAMPLE = "/vae.v1.VaeService/Sample"
 DECODE = "/vae.v1.VaeService/Decode"
-NO_RETRIES = [("grpc.enable_retries", 0), ("grpc.max_receive_message_length", 64 << 20)]
+NO_RETRIES = [("grpc.enable_retries", 0), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 
 
 def _mb(n: float) -> float:

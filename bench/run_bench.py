@@ -42,7 +42,10 @@ from typing import Any
 import uvloop
 
 from bench import goals, report
-from bench.servers import BenchServer, model_flags
+from bench.machine import git_commit
+from bench.placement import model_flags, pin_self
+from bench.scrape import Samples, total
+from bench.servers import ServerProcess
 from vae_client.loadtest import LoadConfig, run_all
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -83,7 +86,7 @@ def service_loads() -> list[Load]:
 
 
 def run_point(
-    server: BenchServer, load: Load, args: argparse.Namespace, latent_size: int
+    server: ServerProcess, load: Load, args: argparse.Namespace, latent_size: int
 ) -> dict[str, Any]:
     """`load` against `server` for --warmup + --duration seconds, with the server's CPU over the
     measured window and its metrics before and after."""
@@ -97,7 +100,7 @@ def run_point(
         warmup=args.warmup,
         latent_size=latent_size,
     )
-    before = server.scrape()
+    before = server.samples()
 
     async def measured() -> tuple[Any, float, float, float, float]:
         async def window_start() -> tuple[float, float]:
@@ -110,7 +113,7 @@ def run_point(
         return result, cpu0, t0, server.cpu_seconds(), time.monotonic()
 
     result, cpu0, t0, cpu1, t1 = uvloop.run(measured())
-    after = server.scrape()
+    after = server.samples()
     point: dict[str, Any] = {
         "server": server.name,
         "label": load.label,
@@ -126,14 +129,14 @@ def run_point(
     return point
 
 
-def batch_figures(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+def batch_figures(before: Samples, after: Samples) -> dict[str, Any]:
     """Rows per run over the point (warm-up included), from the server's own counters."""
 
-    def delta(name: str) -> float:
-        return after.get(name, 0.0) - before.get(name, 0.0)
+    def delta(name: str, **labels: str) -> float:
+        return total(after, name, **labels) - total(before, name, **labels)
 
     images = delta("vae_images_generated_total") + delta("vae_images_encoded_total")
-    runs = sum(delta(f'vae_batch_runs_total{{queue="{q}"}}') for q in ("decoder", "encoder"))
+    runs = sum(delta("vae_batch_runs_total", queue=q) for q in ("decoder", "encoder"))
     return {"images_counted": images, "runs": runs, "rows_per_run": images / runs if runs else None}
 
 
@@ -163,21 +166,21 @@ def servers(args: argparse.Namespace, env: dict[str, str], logs: Path) -> Iterat
     the server's cores; an idle one costs nothing while another is measured."""
     model = [*model_flags(args.version_dir), *SERVER_ARGS]
     with ExitStack() as stack:
-        started: dict[str, BenchServer] = {}
+        started: dict[str, ServerProcess] = {}
 
-        def keep(server: BenchServer) -> None:
+        def keep(server: ServerProcess) -> None:
             stack.callback(server.stop)
             started[server.name] = server
             print(f"{server.name}: up in {server.startup_s:.2f} s (pid {server.pid})", flush=True)
 
-        keep(BenchServer.start_noop("noop", args.server_cpus, logs / "noop.log", env))
-        service = BenchServer.start_vae_serve(
+        keep(ServerProcess.start_noop("noop", args.server_cpus, logs / "noop.log", env))
+        service = ServerProcess.start_vae_serve(
             "service", args.server_cpus, logs / "service.log", env, model
         )
         keep(service)
         service.sample_rss()
         keep(
-            BenchServer.start_vae_serve(
+            ServerProcess.start_vae_serve(
                 "batching_off",
                 args.server_cpus,
                 logs / "batching_off.log",
@@ -266,16 +269,6 @@ def rss_summary(idle: float, first: float, samples: list[float]) -> dict[str, fl
     }
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
-        )
-    except OSError:
-        return None
-    return out.stdout.strip() or None
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("version_dir", type=Path, help="<repo>/<name>/<version>/ to serve")
@@ -288,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not (args.version_dir / "manifest.json").is_file():
         parser.error(f"{args.version_dir} has no manifest.json")
-    os.sched_setaffinity(0, set(cpu_list(args.client_cpus)))
+    pin_self(args.client_cpus)
     results = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
@@ -297,15 +290,6 @@ def main(argv: list[str] | None = None) -> None:
     md.write_text(markdown)
     print("\n" + markdown)
     print(f"wrote {args.out} and {md} in {results['total_s']:.0f} s")
-
-
-def cpu_list(spec: str) -> list[int]:
-    """taskset's list syntax: "1", "0-1", "0,2-3"."""
-    cpus: list[int] = []
-    for part in spec.split(","):
-        low, _, high = part.partition("-")
-        cpus += range(int(low), int(high or low) + 1)
-    return cpus
 
 
 if __name__ == "__main__":

@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.machine import cpu
-from bench.run_bench import Load, cpu_list, run_point
-from bench.servers import BenchServer, model_flags
+from bench.placement import model_flags, pin_self
+from bench.run_bench import Load, run_point
+from bench.servers import ServerProcess
 
 
 def code_at(commit: str, scratch: Path) -> Path:
@@ -45,7 +46,7 @@ def code_at(commit: str, scratch: Path) -> Path:
     return folder
 
 
-def start(args: argparse.Namespace, logs: Path, stack: ExitStack) -> dict[str, BenchServer]:
+def start(args: argparse.Namespace, logs: Path, stack: ExitStack) -> dict[str, ServerProcess]:
     model = model_flags(args.version_dir)
     servers = {}
     for spec in args.configs:
@@ -55,7 +56,7 @@ def start(args: argparse.Namespace, logs: Path, stack: ExitStack) -> dict[str, B
         env = dict(os.environ)
         if commit:
             env["PYTHONPATH"] = str(code_at(commit, logs))
-        server = BenchServer.start_vae_serve(
+        server = ServerProcess.start_vae_serve(
             name, args.server_cpus, logs / f"{name}.log", env, [*model, *extra]
         )
         stack.callback(server.stop)
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--client-cpus", default="1", help="taskset list for the load")
     parser.add_argument("--out", type=Path, help="also write the points and the table as JSON")
     args = parser.parse_args(argv)
-    os.sched_setaffinity(0, set(cpu_list(args.client_cpus)))
+    pin_self(args.client_cpus)
     latent_size = int(json.loads((args.version_dir / "manifest.json").read_text())["latent_size"])
     points: dict[tuple[int, str], list[dict[str, Any]]] = {}
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="serve-ab-") as logs:

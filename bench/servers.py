@@ -1,9 +1,14 @@
-"""Servers for the benchmarks: started pinned to their cores, watched, stopped.
+"""Servers as child processes, for the benchmarks, the reliability campaign and the tests: start
+them (pinned to their cores with `taskset` if asked), wait until they serve, read their metrics,
+memory and CPU time, signal them, stop them. The one launcher of the repository.
 
-`BenchServer.start_vae_serve` and `start_noop` spawn `vae-serve` or the no-op server under
-`taskset` and time the spawn until gRPC health (vae-serve) or the listening line (no-op) says it
-is up. While it runs, its RSS and CPU time come from /proc, its metrics from /metrics. Nothing
-here knows about load points: `run_bench.py` drives them.
+    with ServerProcess.start(repo, "mnist-vae", "--max-in-flight=32") as server:
+        server.wait_serving()
+        channel = grpc.insecure_channel(server.target)
+        server.rss_bytes(), server.metric("vae_requests_total", method="Sample", code="OK")
+
+The benchmarks time the spawn up to a SERVING health check instead (`start_vae_serve`,
+`start_noop`: `startup_s`), and keep the output in a log file as well.
 """
 
 from __future__ import annotations
@@ -11,137 +16,216 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
+from bench.placement import free_port, pinned, vae_serve_command
+from bench.scrape import Samples, health_serving, scrape, total
 
-BIN = Path(sys.executable).parent
-START_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 30.0
+# Re-exported: the names the rest of the repository imports from here.
+__all__ = ["MALLOC_ENV", "Samples", "ServerProcess", "free_port", "scrape", "total"]
+
+SERVING_LINE = re.compile(r"SERVING .* on port (\d+) \(metrics: port (\d+)\)")
+START_TIMEOUT = 120.0  # seconds; generous: the machine is shared
+STOP_TIMEOUT = 30.0
+# The allocator settings the Makefile and the image use for large replies.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "134217728"}
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+MB = 1024 * 1024
 
 
-def free_port() -> int:
-    """A port free right now on loopback (the kernel's pick; a tiny race is fine for benches)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class ServerProcess:
+    """One server child; its output (stderr and stdout) is collected in the background (`log`,
+    a list of lines), and copied to `log_file` if there is one."""
 
+    def __init__(
+        self, popen: subprocess.Popen[str], name: str = "vae-serve", log_file: Path | None = None
+    ) -> None:
+        self.popen = popen
+        self.name = name
+        self.log: list[str] = []
+        self.log_file = log_file
+        self.ports: tuple[int, int] | None = None  # (gRPC, metrics) once known
+        self.startup_s = 0.0  # from the spawn to up (`_wait`)
+        self.rss_samples_mb: list[float] = []
+        self.serving = threading.Event()
+        self._sampling = threading.Event()
+        self._sampler: threading.Thread | None = None
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
-def model_flags(version_dir: Path) -> list[str]:
-    """`vae-serve` flags serving `<repo>/<name>/<version>/` on the CPU provider."""
-    return [
-        "--model-repo", str(version_dir.parent.parent),
-        "--model-name", version_dir.parent.name,
-        "--model-version", version_dir.name,
-        "--provider", "cpu",
-    ]  # fmt: skip
+    @classmethod
+    def spawn(
+        cls,
+        command: list[str],
+        *,
+        name: str = "vae-serve",
+        cpus: str | None = None,
+        env: dict[str, str] | None = None,
+        log_file: Path | None = None,
+    ) -> ServerProcess:
+        """`command` as a child (on `cpus` if given), its output read in the background."""
+        popen = subprocess.Popen(
+            pinned(cpus, command),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            env=env if env is not None else {**os.environ, **MALLOC_ENV},
+        )
+        return cls(popen, name, log_file)
 
-
-def pinned(cpus: str, command: list[str]) -> list[str]:
-    """`command` under `taskset -c cpus` (taskset execs it: the pid stays the same)."""
-    return ["taskset", "-c", cpus, *command]
-
-
-@dataclass
-class BenchServer:
-    name: str
-    proc: subprocess.Popen[bytes]
-    port: int
-    metrics_port: int | None
-    log: Path
-    startup_s: float = 0.0
-    rss_samples_mb: list[float] = field(default_factory=list)
-    _sampler: threading.Thread | None = None
-    _sampling: threading.Event = field(default_factory=threading.Event)
+    @classmethod
+    def start(cls, repo: Path, model: str, *flags: str, port: int = 0) -> ServerProcess:
+        """Serve `<repo>/<model>` on 127.0.0.1 (gRPC on `port`, 0: a free one; metrics on a free
+        port), CPU provider, plus `flags` (vae-serve's own, e.g. `--max-in-flight=8`)."""
+        return cls.spawn(
+            [
+                *vae_serve_command(),
+                f"--model-repo={repo}",
+                f"--model-name={model}",
+                "--host=127.0.0.1",
+                f"--port={port}",
+                "--metrics-host=127.0.0.1",
+                "--metrics-port=0",
+                "--provider=cpu",
+                *flags,
+            ]
+        )
 
     @classmethod
     def start_vae_serve(
         cls, name: str, cpus: str, log: Path, env: dict[str, str], args: list[str]
-    ) -> BenchServer:
-        """`vae-serve` with `args` on `cpus`; returns once health says SERVING."""
+    ) -> ServerProcess:
+        """`vae-serve` with `args` on `cpus`; returns once health says SERVING (`startup_s`)."""
         port, metrics_port = free_port(), free_port()
         command = [
-            str(BIN / "vae-serve"),
+            *vae_serve_command(),
             "--host", "127.0.0.1", "--port", str(port),
             "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port),
             *args,
         ]  # fmt: skip
-        server = cls._spawn(name, pinned(cpus, command), port, metrics_port, log, env)
-        server._wait(lambda: _health_serving(port))
+        server = cls.spawn(command, name=name, cpus=cpus, env=env, log_file=log)
+        server.ports = (port, metrics_port)
+        server._wait(lambda: health_serving(server.target))
         return server
 
     @classmethod
-    def start_noop(cls, name: str, cpus: str, log: Path, env: dict[str, str]) -> BenchServer:
-        """bench/noop_server.py on uvloop (the service's loop) on `cpus`."""
+    def start_noop(cls, name: str, cpus: str, log: Path, env: dict[str, str]) -> ServerProcess:
+        """bench/noop_server.py on uvloop (the service's loop) on `cpus`; it has no metrics."""
         port = free_port()
         command = [
             sys.executable, "-m", "bench.noop_server",
             "--host", "127.0.0.1", "--port", str(port), "--loop", "uvloop",
         ]  # fmt: skip
-        server = cls._spawn(name, pinned(cpus, command), port, None, log, env)
-        server._wait(lambda: "listening on port" in log.read_text(errors="replace"))
+        server = cls.spawn(command, name=name, cpus=cpus, env=env, log_file=log)
+        server.ports = (port, 0)
+        server._wait(lambda: "listening on port" in server.output())
         return server
 
-    @classmethod
-    def _spawn(
-        cls,
-        name: str,
-        command: list[str],
-        port: int,
-        metrics_port: int | None,
-        log: Path,
-        env: dict[str, str],
-    ) -> BenchServer:
-        with log.open("wb") as out:
-            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-        return cls(name, proc, port, metrics_port, log)
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        out = self.log_file.open("w") if self.log_file else None
+        try:
+            for line in self.popen.stdout:
+                self.log.append(line)
+                if out:
+                    out.write(line)
+                    out.flush()
+                match = SERVING_LINE.search(line)
+                if match and not self.serving.is_set():
+                    self.ports = self.ports or (int(match[1]), int(match[2]))
+                    self.serving.set()
+        finally:
+            if out:
+                out.close()
 
-    def _wait(self, up: Callable[[], bool]) -> None:
+    def _wait(self, up: Callable[[], bool], timeout: float = START_TIMEOUT) -> None:
+        """Until `up()`; raises (and stops the child) if it exits or times out first."""
         began = time.monotonic()
         while not up():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}): {self.tail()}")
-            if time.monotonic() - began > START_TIMEOUT_S:
+            if self.popen.poll() is not None:
+                self.reader.join(5)
+                raise RuntimeError(
+                    f"{self.name} exited with {self.popen.returncode}:\n{self.output()}"
+                )
+            if time.monotonic() - began > timeout:
                 self.stop()
-                raise RuntimeError(f"{self.name} not up after {START_TIMEOUT_S} s: {self.tail()}")
+                raise RuntimeError(f"{self.name} never reported SERVING:\n{self.output()}")
             time.sleep(0.02)
         self.startup_s = time.monotonic() - began
 
+    def wait_serving(self, timeout: float = START_TIMEOUT) -> ServerProcess:
+        """Until it logs its SERVING line (which names its ports)."""
+        self._wait(self.serving.is_set, timeout)
+        return self
+
     @property
-    def pid(self) -> int:
-        return self.proc.pid
+    def port(self) -> int:
+        assert self.ports is not None, "not SERVING yet"
+        return self.ports[0]
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output(self) -> str:
+        return "".join(self.log)
+
     def tail(self, chars: int = 2000) -> str:
-        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+        return self.output()[-chars:]
+
+    def wait_log(self, text: str, timeout: float = 60.0) -> str:
+        """The first log line containing `text`, waiting for it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in list(self.log):
+                if text in line:
+                    return line
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no log line with {text!r}:\n{self.output()}")
+            time.sleep(0.02)
 
     def internal_startup_s(self) -> float | None:
         """What vae-serve itself logs: from loading the model to SERVING."""
-        match = re.search(r"SERVING .* after ([\d.]+) s", self.tail(100_000))
+        match = re.search(r"SERVING .* after ([\d.]+) s", self.output())
         return float(match.group(1)) if match else None
 
-    # -- /proc ------------------------------------------------------------------------------
+    # -- metrics ------------------------------------------------------------------------------
+
+    def samples(self) -> Samples:
+        """Its /metrics now (empty for a server without metrics: the no-op one)."""
+        assert self.ports is not None, "not SERVING yet"
+        if not self.ports[1]:
+            return {}
+        return scrape(f"http://127.0.0.1:{self.ports[1]}/metrics")
+
+    def metric(self, name: str, /, **labels: str) -> float:
+        """The sum of the samples of `name` whose labels include `labels`."""
+        return total(self.samples(), name, **labels)
+
+    # -- /proc --------------------------------------------------------------------------------
+
+    def rss_bytes(self) -> int:
+        """Resident memory now; raises OSError once the process is gone."""
+        return int(Path(f"/proc/{self.pid}/statm").read_text().split()[1]) * PAGE_BYTES
 
     def rss_mb(self) -> float:
+        """Resident memory now in MiB (0 once the process is gone)."""
         with suppress(OSError, ValueError, IndexError):
-            resident_pages = int(Path(f"/proc/{self.pid}/statm").read_text().split()[1])
-            return resident_pages * PAGE_KB / 1024
+            return self.rss_bytes() / MB
         return 0.0
 
     def cpu_seconds(self) -> float:
@@ -152,7 +236,7 @@ class BenchServer:
         return 0.0
 
     def sample_rss(self, every_s: float = 0.25) -> None:
-        """Record RSS in the background every `every_s` until `stop_sampling()`."""
+        """Record RSS (MiB) in `rss_samples_mb` every `every_s` until `stop_sampling()`."""
 
         def sample() -> None:
             while not self._sampling.wait(every_s):
@@ -166,44 +250,31 @@ class BenchServer:
         if self._sampler is not None:
             self._sampler.join()
 
-    # -- metrics ----------------------------------------------------------------------------
+    # -- signals and the end ------------------------------------------------------------------
 
-    def scrape(self) -> dict[str, float]:
-        """The server's /metrics as {'name{label="v",...}': value} (counters as `_total`)."""
-        if self.metrics_port is None:
-            return {}
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as reply:
-            text = reply.read().decode()
-        samples = {}
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-                samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-        return samples
+    def send(self, sig: signal.Signals) -> None:
+        self.popen.send_signal(sig)
 
-    # -- stop -------------------------------------------------------------------------------
-
-    def stop(self) -> int | None:
-        """SIGTERM (a graceful drain), SIGKILL after STOP_TIMEOUT_S; returns the exit code."""
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM (a graceful drain), then SIGKILL if it does not exit; the exit code."""
         self.stop_sampling()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(STOP_TIMEOUT_S)
+                self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+                self.popen.kill()
+        code = self.popen.wait(10)
+        self.reader.join(10)
+        return code
 
+    def __enter__(self) -> ServerProcess:
+        return self
 
-def _health_serving(port: int) -> bool:
-    """One health check of the whole server: SERVING or not (yet)."""
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=1
-            )
-        except grpc.RpcError:
-            return False
-    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -37,18 +37,20 @@ import uvloop
 
 from bench import v2_triton
 from bench.machine import cpu
-from bench.servers import BenchServer, model_flags
+from bench.placement import model_flags, pin_self
+from bench.servers import ServerProcess
 from service.proto.inference.v2 import grpc_predict_v2_pb2 as pb
 from service.proto.inference.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
+from vae_client.client import MAX_MESSAGE_BYTES
 
 ROOT = Path(__file__).resolve().parents[1]
 V2_CLIENT = ROOT / "bench" / "peers" / ".venv-tritonclient"
 POINTS = ((1, 32), (64, 8), (1024, 4))  # (images a call, calls in flight)
 IMAGE_BYTES = 784
 CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 << 20),
-    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
 Call = Callable[[], Awaitable[int]]  # one request; returns the images it got
 
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "v2.json")
     args = parser.parse_args(argv)
-    os.sched_setaffinity(0, {int(c) for c in args.client_cpus.split(",")})
+    pin_self(args.client_cpus)
     model = f"{args.version_dir.parent.name}-decoder"
     env = {
         **os.environ,
@@ -231,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
         "MALLOC_TRIM_THRESHOLD_": "134217728",
     }
     with tempfile.TemporaryDirectory() as tmp:
-        server = BenchServer.start_vae_serve(
+        server = ServerProcess.start_vae_serve(
             "vae-serve",
             args.server_cpus,
             Path(tmp) / "server.log",

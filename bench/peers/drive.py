@@ -23,8 +23,7 @@ from dataclasses import asdict, dataclass, field
 import grpc
 import numpy as np
 from hdrh.histogram import HdrHistogram
-from v2.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
-from v2_client import InvalidResponse, channel, infer_once, wait_ready
+from v2_client import GRPCInferenceServiceStub, InvalidResponse, channel, infer_once, wait_ready
 
 LATENT_VARIANTS = 4
 HISTOGRAM_MAX_US = 3_600_000_000  # one hour

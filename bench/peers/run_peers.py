@@ -32,8 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from v2.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
-from v2_client import channel, wait_ready
+from v2_client import GRPCInferenceServiceStub, channel, wait_ready
 
 HERE = Path(__file__).resolve().parent
 MODEL = "vae_decoder_uint8"

@@ -1,22 +1,38 @@
 """A minimal grpc.aio client for the Open Inference Protocol (KServe V2), as Triton and MLServer
 speak it: readiness, and one ModelInfer call with raw tensor bytes (the fast path, no per-element
-protobuf fields). Stubs come from `make peers` (bench/peers/v2/)."""
+protobuf fields). The stubs are the service's own (service/proto/inference/v2, `make proto`)."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
-from v2 import grpc_predict_v2_pb2 as pb
-from v2.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # run as a script from bench/peers: make the checkout importable
+    sys.path.insert(0, str(ROOT))
+
+from service.proto.inference.v2 import grpc_predict_v2_pb2 as pb  # noqa: E402
+from service.proto.inference.v2.grpc_predict_v2_pb2_grpc import (  # noqa: E402
+    GRPCInferenceServiceStub as GRPCInferenceServiceStub,
+)
+from vae_client.client import MAX_MESSAGE_BYTES  # noqa: E402
+
+if TYPE_CHECKING:  # the stubs' asyncio flavour exists in the .pyi only
+    from service.proto.inference.v2.grpc_predict_v2_pb2_grpc import (
+        GRPCInferenceServiceAsyncStub,
+    )
 
 IMAGE_SIZE = 784
 ITEMSIZE = {"FP32": 4, "UINT8": 1}  # bytes per element of the outputs we ask for
 CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 << 20),
-    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
 
 
@@ -28,7 +44,7 @@ def channel(target: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
 
 
-async def wait_ready(stub: GRPCInferenceServiceStub, model: str, timeout: float) -> float:
+async def wait_ready(stub: GRPCInferenceServiceAsyncStub, model: str, timeout: float) -> float:
     """Poll ServerReady then ModelReady until both say ready; return the seconds it took."""
     start = time.monotonic()
     while True:
@@ -46,7 +62,7 @@ async def wait_ready(stub: GRPCInferenceServiceStub, model: str, timeout: float)
 
 
 async def infer_once(
-    stub: GRPCInferenceServiceStub,
+    stub: GRPCInferenceServiceAsyncStub,
     model: str,
     latents: np.ndarray,
     output_name: str,

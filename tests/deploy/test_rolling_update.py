@@ -55,8 +55,7 @@ from typing import Any
 import grpc
 import pytest
 
-from bench.served_process import ServerProcess
-from bench.servers import free_port
+from bench.servers import ServerProcess, free_port
 from service.proto.vae.v1 import vae_pb2_grpc
 from vae_client.client import channel_options, sample_request
 

@@ -1,11 +1,13 @@
-"""Fixtures for the Open Inference Protocol (KServe V2) tests: the tiny model served in process
-(both protocols on one port), a channel, and stubs of both."""
+"""Fixtures for the Open Inference Protocol (KServe V2) tests: the service tests' own `served`
+(the tiny model served in process: both protocols on one port), `channel` and `stub`, reused from
+tests/service/conftest.py, and a V2 stub."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
-from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import grpc
 import pytest
@@ -17,29 +19,26 @@ for path in (ROOT, ROOT / "tests" / "service", ROOT / "tests" / "reliability"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from service_harness import Served, open_channel, running, tiny_settings  # noqa: E402
-
 from service.proto.inference.v2 import grpc_predict_v2_pb2_grpc as pb_grpc  # noqa: E402
-from service.proto.vae.v1 import vae_pb2_grpc  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def served(tiny_model: Path) -> Iterator[Served]:
-    with running(tiny_settings(tiny_model)) as s:
-        yield s
+def _service_fixtures() -> ModuleType:
+    """tests/service/conftest.py under a name of its own (every conftest is `conftest`)."""
+    spec = importlib.util.spec_from_file_location(
+        "service_conftest", ROOT / "tests" / "service" / "conftest.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-@pytest.fixture(scope="session")
-def channel(served: Served) -> Iterator[grpc.Channel]:
-    with open_channel(served.target) as ch:
-        yield ch
+_service = _service_fixtures()
+served = _service.served
+channel = _service.channel
+stub = _service.stub
 
 
 @pytest.fixture(scope="session")
 def v2(channel: grpc.Channel) -> pb_grpc.GRPCInferenceServiceStub:
     return pb_grpc.GRPCInferenceServiceStub(channel)
-
-
-@pytest.fixture(scope="session")
-def stub(channel: grpc.Channel) -> vae_pb2_grpc.VaeServiceStub:
-    return vae_pb2_grpc.VaeServiceStub(channel)

@@ -25,7 +25,7 @@ from pydantic_settings import CliApp, CliSettingsSource  # noqa: E402
 
 from export.manifest import ModelError  # noqa: E402
 from service import logs  # noqa: E402
-from service.model.runtime import ProviderError  # noqa: E402
+from service.model.sessions import ProviderError  # noqa: E402
 from service.server import StartupError, serve  # noqa: E402
 from service.settings import Settings  # noqa: E402
 

@@ -5,13 +5,15 @@ with its traceback and answered INTERNAL with a generic message, so no internals
 arriving before the model is warmed up are answered UNAVAILABLE, so the client's retry takes
 them to another replica (once shutdown begins, gRPC itself refuses new calls).
 
-Admission: at most `max_in_flight` inference calls (every VaeService RPC but the cheap ones in
-`NOT_INFERENCE`) are handled at once, counted from the moment the call arrives until its reply
+Admission: at most `max_in_flight` inference calls (every wrapped RPC but those marked
+`@not_inference`) are handled at once, counted from the moment the call arrives until its reply
 has left (not when the handler returns: a reply a slow peer has not taken still holds memory);
 and while replies of `max_pending_reply_bytes` or more wait for their peers, new inference calls
 are refused too. A refused call is answered RESOURCE_EXHAUSTED at once, naming the limit (the
-batcher's bounded queue is a further limit). Each admitted call leases the live model version
-once (`ModelHolder.acquire`), so it finishes on that version across a reload.
+batcher's bounded queue is a further limit).
+
+The methods wrapped, and which are inference, are `service.methods`': read from the generated
+service descriptors and the servicers' markers, so a new RPC needs no table here.
 
 Requests are read and parsed here, inside the call, not by gRPC: every VaeService method is
 served as stream-unary (the same frames on the wire), so the handler runs as soon as the call's
@@ -25,7 +27,7 @@ reply not taken within `reply_timeout` closes the peer's connection (`service.pe
 A call is counted in `vae_requests_total` when it ends: an error status as it is sent, an OK
 reply once it has left, and one whose caller went away before taking it as CANCELLED. gRPC tells
 the last case in only one way: its core logs the failed send as an ERROR with a traceback, which
-`_DeliveryFilter` turns into one INFO line and a mark on the call. When the caller's own
+`service.delivery` turns into one INFO line and a mark on the call. When the caller's own
 cancellation reaches the server first, gRPC drops the send silently and the call is counted OK
 (serving replies from the handler itself, which would see the failure, costs a second batch per
 call: a third fewer small calls a second in a side-by-side measurement).
@@ -36,14 +38,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from service import peers
+from service.delivery import DELIVERY
 from service.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -51,70 +52,12 @@ from service.errors import (
     ServiceError,
     Unavailable,
 )
+from service.methods import Method, wrapped_method
 from service.metrics import Metrics
-from service.model.holder import ModelHolder
-from service.proto.inference.v2 import grpc_predict_v2_pb2 as v2_pb2
-from service.proto.vae.v1 import vae_pb2
 
 log = logging.getLogger(__name__)
 
 INTERNAL_MESSAGE = "internal error (logged on the server)"
-# Answered even when inference is saturated: no model run, no admission limit.
-NOT_INFERENCE = frozenset(
-    {
-        "GetModelInfo",
-        *("ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig", "ModelStatistics"),
-    }
-)
-# The Open Inference Protocol's liveness and readiness are left unwrapped, like grpc.health:
-# answered at any time (warming up, saturated, draining) and not counted.
-V2_UNWRAPPED = frozenset({"ServerLive", "ServerReady"})
-
-Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
-Parser = Callable[[bytes], Any]
-Serializer = Callable[[Any], bytes]
-# The methods wrapped, by path (vae.v1 and the Open Inference Protocol's, whose names differ):
-# the name (the `method` label of the metrics) and the request type.
-WRAPPED = {
-    f"/{service.full_name}/{m.name}": (m.name, m.input_type.full_name)
-    for service in (
-        vae_pb2.DESCRIPTOR.services_by_name["VaeService"],
-        v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"],
-    )
-    for m in service.methods
-    if m.name not in V2_UNWRAPPED
-}
-GRPC_LOGGER = "grpc._cython.cygrpc"
-UNDELIVERED_LOG = "ExecuteBatchError raised in core by servicer method"
-
-
-class _DeliveryFilter(logging.Filter):
-    """gRPC core logs a reply it could not send because the caller had gone (the last batch of
-    the call failed) as an ERROR with a traceback, from inside the call's own task. This filter
-    notes that task (the interceptor then counts the call CANCELLED) and leaves one INFO line."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.undelivered: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith(UNDELIVERED_LOG):
-            return True
-        try:
-            task = asyncio.current_task()
-        except RuntimeError:
-            task = None
-        if task is not None:
-            self.undelivered.add(task)
-        method = record.getMessage().rpartition("[")[2].rstrip("]")
-        record.msg, record.args = "%s: the caller went away before its reply was sent", (method,)
-        record.exc_info, record.exc_text, record.stack_info = None, None, None
-        record.levelno, record.levelname = logging.INFO, "INFO"
-        return True
-
-
-DELIVERY = _DeliveryFilter()
-logging.getLogger(GRPC_LOGGER).addFilter(DELIVERY)
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
@@ -127,7 +70,6 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         metrics: Metrics,
         ready: asyncio.Event,
         *,
-        models: ModelHolder | None = None,
         max_in_flight: int | None = None,
         max_pending_reply_bytes: int | None = None,
         request_timeout: float | None = None,
@@ -136,7 +78,6 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     ) -> None:
         self.metrics = metrics
         self.ready = ready
-        self.models = models
         self.max_in_flight = max_in_flight
         self.max_pending_reply_bytes = max_pending_reply_bytes or None
         self.request_timeout = request_timeout or None
@@ -167,15 +108,11 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         if cached is not None:
             return cached
         handler = await continuation(handler_call_details)
-        wraps = WRAPPED.get(method_path)
-        if handler is None or handler.unary_unary is None or wraps is None:
+        method = wrapped_method(method_path, handler)
+        if method is None:
             return handler
-        behavior = cast(Handler, handler.unary_unary)  # an async def in a grpc.aio server
-        method, request_type = wraps
-        parse = _parser(cast(Parser, handler.request_deserializer), request_type)
-        serialize = cast(Serializer, handler.response_serializer)
         wrapped = grpc.stream_unary_rpc_method_handler(
-            self._wrap(behavior, parse, serialize, method),
+            self._wrap(method),
             request_deserializer=None,  # the raw bytes, read and parsed in the call
             response_serializer=None,  # the call returns its reply serialized
         )
@@ -228,13 +165,13 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         budget, pending = self.max_pending_reply_bytes, self.pending_reply_bytes
         return budget is not None and pending > 0 and pending + size > budget
 
-    def _wrap(self, behavior: Handler, parse: Parser, serialize: Serializer, method: str) -> Any:
+    def _wrap(self, wrapped: Method) -> Any:
         """The call as the service answers it: readiness, admission (an inference call counts
-        against max_in_flight and leases the live model version), reading and parsing the
-        request, the status, the metrics once the call has ended. Plain try/finally rather than
-        context managers: this runs on every call."""
-        metrics, models = self.metrics, self.models
-        inference = method not in NOT_INFERENCE
+        against max_in_flight), reading and parsing the request, the status, the metrics once
+        the call has ended. No context managers: this runs on every call."""
+        metrics = self.metrics
+        method, inference, behavior = wrapped.name, wrapped.inference, wrapped.behavior
+        parse, serialize = wrapped.parse, wrapped.serialize
         in_flight, seconds = metrics.in_flight, metrics.request_seconds.labels(method)
         pending_gauge = metrics.pending_reply_bytes
         answered: dict[grpc.StatusCode, Any] = {}  # the requests counter's child per code
@@ -300,18 +237,11 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             try:
                 if not self.ready.is_set():
                     raise Unavailable("the model is still warming up; retry shortly")
-                if not inference:
-                    response = await behavior(parse(await self._read(context)), context)
-                else:
+                if inference:
                     self._refuse_if_full()  # before the request is read: refusals cost nothing
                     admitted = True
                     self.inference_in_flight += 1
-                    lease = models.acquire() if models is not None else None
-                    try:
-                        response = await behavior(parse(await self._read(context)), context)
-                    finally:
-                        if models is not None and lease is not None:
-                            models.release(lease)
+                response = await behavior(parse(await self._read(context)), context)
                 raw = serialize(response)
                 del response  # only the bytes stay alive while they are sent
                 if inference and self._over_budget(len(raw)):
@@ -352,18 +282,3 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             return None  # not reached: abort raises
 
         return handle
-
-
-def _parser(deserialize: Parser, type_name: str) -> Parser:
-    """`deserialize` (the message's FromString), with bytes that do not parse answered
-    INVALID_ARGUMENT."""
-
-    def parse(raw: bytes) -> Any:
-        try:
-            return deserialize(raw)
-        except DecodeError:
-            raise InvalidArgument(
-                "request", f"expected a serialized {type_name} message, got bytes that do not parse"
-            ) from None
-
-    return parse

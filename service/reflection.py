@@ -14,7 +14,6 @@ from collections.abc import Iterable
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_reflection.v1alpha import reflection, reflection_pb2
-from grpc_reflection.v1alpha._async import ReflectionServicer
 
 V1_SERVICE_NAME = "grpc.reflection.v1.ServerReflection"
 V1_FILE = "grpc/reflection/v1/reflection.proto"
@@ -46,7 +45,9 @@ def enable(service_names: Iterable[str], server: grpc.aio.Server) -> None:
     """Serve reflection (v1 and v1alpha) listing `service_names` and both reflection services."""
     _add_v1_descriptor()
     names = (*service_names, V1_SERVICE_NAME, reflection.SERVICE_NAME)
-    servicer = ReflectionServicer(names)  # the asyncio one (reflection.aio)
+    # The asyncio servicer, public as `reflection.aio` (grpcio-reflection's docs), though its
+    # module imports it under that name without re-exporting it for type checkers.
+    servicer = reflection.aio.ReflectionServicer(names)  # type: ignore[attr-defined]
     method = grpc.stream_stream_rpc_method_handler(
         servicer.ServerReflectionInfo,
         request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,

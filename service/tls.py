@@ -1,18 +1,28 @@
-"""The validity period of the server's certificates, read with the standard library.
+"""The server's TLS credentials (`server_credentials`), checked before gRPC sees them.
 
-gRPC loads an expired (or not yet valid) certificate without complaint, and then every TLS client
-fails its handshake while the plaintext health port says SERVING. The server refuses such a
-certificate at start instead. `ssl` turns PEM into DER (`PEM_cert_to_DER_cert`) but exposes no
-public parser for a certificate file, so the two dates are read from the DER here: a few lines
-of ASN.1 (RFC 5280, 4.1: Certificate -> tbsCertificate -> validity), no extra dependency.
+gRPC only fails to bind the port on an unusable key or certificate, so the PEM files are loaded
+with `ssl` first, to refuse them with the reason. And gRPC loads an expired (or not yet valid)
+certificate without complaint, and then every TLS client fails its handshake while the
+plaintext health port says SERVING: the server refuses such a certificate at start instead.
+`ssl` turns PEM into DER (`PEM_cert_to_DER_cert`) but exposes no public parser for a
+certificate file, so the two dates are read from the DER here: a few lines of ASN.1 (RFC 5280,
+4.1: Certificate -> tbsCertificate -> validity), no extra dependency.
 """
 
 from __future__ import annotations
 
 import datetime
+import logging
 import re
 import ssl
 from pathlib import Path
+
+import grpc
+
+from service.lifecycle import StartupError
+from service.settings import Settings
+
+log = logging.getLogger("service.server")  # the start-up's logger, like the rest of it
 
 PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 UTC_TIME, GENERALIZED_TIME = 0x17, 0x18
@@ -84,3 +94,49 @@ def check_validity(path: Path, now: datetime.datetime | None = None) -> None:
             raise CertificateError(f"{which}: expired on {not_after:%Y-%m-%d %H:%M:%S} UTC")
         if now < not_before:
             raise CertificateError(f"{which}: not valid before {not_before:%Y-%m-%d %H:%M:%S} UTC")
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the settings' PEM files (mutual TLS when a client CA is set), or
+    None for plaintext, which is for local development only (a warning is logged)."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        log.warning(
+            "serving PLAINTEXT gRPC (no TLS): for local development only; set VAE_TLS_CERT and "
+            "VAE_TLS_KEY (and VAE_TLS_CLIENT_CA for mutual TLS) in production"
+        )
+        return None
+    paths = [settings.tls_cert, settings.tls_key, settings.tls_client_ca]
+    try:
+        cert, key, client_ca = (p.read_bytes() if p is not None else None for p in paths)
+    except OSError as e:
+        raise StartupError(f"cannot read a TLS file: {e}") from e
+    assert cert is not None and key is not None
+    _check_pem(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    try:
+        check_validity(settings.tls_cert)
+    except CertificateError as e:
+        raise StartupError(f"TLS certificate {e}") from None
+    log.info(
+        "serving TLS with %s%s",
+        settings.tls_cert,
+        f"; mutual TLS: client certificates must be signed by {settings.tls_client_ca}"
+        if client_ca is not None
+        else "",
+    )
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def _check_pem(cert: Path, key: Path, client_ca: Path | None) -> None:
+    """Refuse unusable TLS files with the reason (gRPC itself only fails to bind the port)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+    except ssl.SSLError as e:
+        raise StartupError(f"{cert} and {key}: not a PEM certificate and its key ({e})") from e
+    if client_ca is not None:
+        try:
+            context.load_verify_locations(client_ca)
+        except ssl.SSLError as e:
+            raise StartupError(f"{client_ca}: not a PEM CA bundle ({e})") from e

@@ -33,11 +33,12 @@ from prometheus_client import CollectorRegistry
 
 from service import v2_codec
 from service.health import HealthServicer
+from service.methods import not_inference, unwrapped
 from service.metrics import Metrics
 from service.model.runtime import ModelInfo
 from service.proto.inference.v2 import grpc_predict_v2_pb2 as pb
 from service.proto.inference.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
-from service.servicer import INLINE_ROWS, Model
+from service.servicer import INLINE_ROWS, Lease
 
 SERVER_NAME = "vae-serve"
 EXTENSIONS = ("model_configuration", "statistics")
@@ -77,14 +78,14 @@ class CallStats:
 class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self,
-        model: Model,
+        lease: Lease,
         metrics: Metrics,
         ready: Ready,
         *,
         max_items: int,
         max_queue_delay: float = 0.0,
     ) -> None:
-        self.model = model
+        self.lease = lease
         self.metrics = metrics
         self.ready = ready
         self.max_items = max_items
@@ -93,37 +94,41 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         self.stats: dict[str, CallStats] = {}
         self._described: tuple[ModelInfo, dict[str, v2_codec.V2Model]] | None = None
 
-    def _models(self, info: ModelInfo | None = None) -> dict[str, v2_codec.V2Model]:
-        """The V2 models of `info` (default: the call's version), made once per version."""
-        info = self.model.info if info is None else info
+    def _models(self, info: ModelInfo) -> dict[str, v2_codec.V2Model]:
+        """The V2 models of one model version, made once per version."""
         cached = self._described
         if cached is None or cached[0] is not info:
             cached = self._described = (info, v2_codec.models_of(info))
         return cached[1]
 
-    def _find(self, name: str, version: str, info: ModelInfo | None = None) -> v2_codec.V2Model:
-        info = self.model.info if info is None else info
+    def _find(self, name: str, version: str, info: ModelInfo) -> v2_codec.V2Model:
         return v2_codec.find_model(self._models(info), name, version, info)
 
+    @unwrapped
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
+    @unwrapped
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=await self.ready(context))
 
+    @not_inference
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
-        served = request.name in self._models() and request.version in (
-            "",
-            str(self.model.info.version),
-        )
-        return pb.ModelReadyResponse(ready=served and await self.ready(context))
+        with self.lease() as model:
+            info = model.info
+            served = request.name in self._models(info) and request.version in (
+                "",
+                str(info.version),
+            )
+            return pb.ModelReadyResponse(ready=served and await self.ready(context))
 
+    @not_inference
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
@@ -131,66 +136,73 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
             name=SERVER_NAME, version=self.version, extensions=EXTENSIONS
         )
 
+    @not_inference
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        model = self._find(request.name, request.version)
-        return v2_codec.metadata_out(model, self.model.info, self.max_items)
+        with self.lease() as model:
+            v2_model = self._find(request.name, request.version, model.info)
+            return v2_codec.metadata_out(v2_model, model.info, self.max_items)
 
+    @not_inference
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
-        model = self._find(request.name, request.version)
-        config = v2_codec.config_out(model, self.max_items, self.max_queue_delay)
-        return pb.ModelConfigResponse(config=config)
+        with self.lease() as model:
+            v2_model = self._find(request.name, request.version, model.info)
+            config = v2_codec.config_out(v2_model, self.max_items, self.max_queue_delay)
+            return pb.ModelConfigResponse(config=config)
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        began = time.perf_counter_ns()
-        info = self.model.info  # the version this call leased
-        model = self._find(request.model_name, request.model_version, info)
-        wanted = v2_codec.requested_outputs(request, model)
-        array, typed = v2_codec.read_input(request, model, info, limit=self.max_items)
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else time.monotonic() + remaining
-        n = array.shape[0]
-        read = time.perf_counter_ns()
-        produce: Callable[[], list[np.ndarray]]
-        if model.network == "decoder":
-            probabilities = await self.model.decode(array, deadline=deadline)
-            self.metrics.images_generated.inc(n)
-            produce = partial(v2_codec.decoder_outputs, probabilities, wanted)
-        else:
-            mean, log_variance = await self.model.encode(array, deadline=deadline)
-            self.metrics.images_encoded.inc(n)
-            produce = partial(v2_codec.encoder_outputs, mean, log_variance, wanted)
-        inferred = time.perf_counter_ns()
-        response = pb.ModelInferResponse(
-            model_name=model.name, model_version=str(info.version), id=request.id
-        )
-        if n > INLINE_ROWS:  # conversions and copies off the event loop when large
-            await self.model.offload(v2_codec.outputs_into, response, wanted, produce, typed=typed)
-        else:
-            v2_codec.outputs_into(response, wanted, produce, typed=typed)
-        self.stats.setdefault(model.name, CallStats()).add(n, began, read, inferred)
-        return response
+        with self.lease() as model:
+            began = time.perf_counter_ns()
+            info = model.info
+            v2_model = self._find(request.model_name, request.model_version, info)
+            wanted = v2_codec.requested_outputs(request, v2_model)
+            array, typed = v2_codec.read_input(request, v2_model, info, limit=self.max_items)
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else time.monotonic() + remaining
+            n = array.shape[0]
+            read = time.perf_counter_ns()
+            produce: Callable[[], list[np.ndarray]]
+            if v2_model.network == "decoder":
+                probabilities = await model.decode(array, deadline=deadline)
+                self.metrics.images_generated.inc(n)
+                produce = partial(v2_codec.decoder_outputs, probabilities, wanted)
+            else:
+                mean, log_variance = await model.encode(array, deadline=deadline)
+                self.metrics.images_encoded.inc(n)
+                produce = partial(v2_codec.encoder_outputs, mean, log_variance, wanted)
+            inferred = time.perf_counter_ns()
+            response = pb.ModelInferResponse(
+                model_name=v2_model.name, model_version=str(info.version), id=request.id
+            )
+            if n > INLINE_ROWS:  # conversions and copies off the event loop when large
+                await model.offload(v2_codec.outputs_into, response, wanted, produce, typed=typed)
+            else:
+                v2_codec.outputs_into(response, wanted, produce, typed=typed)
+            self.stats.setdefault(v2_model.name, CallStats()).add(n, began, read, inferred)
+            return response
 
+    @not_inference
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
-        models = self._models()
-        if request.name:
-            chosen = [self._find(request.name, request.version)]
-        else:
-            chosen = list(models.values())
-        version = str(self.model.info.version)
-        return pb.ModelStatisticsResponse(
-            model_stats=[
-                _statistics(m, version, self.stats.get(m.name, CallStats()), self.metrics.registry)
-                for m in chosen
-            ]
-        )
+        with self.lease() as model:
+            info = model.info
+            if request.name:
+                chosen = [self._find(request.name, request.version, info)]
+            else:
+                chosen = list(self._models(info).values())
+            version, registry = str(info.version), self.metrics.registry
+            return pb.ModelStatisticsResponse(
+                model_stats=[
+                    _statistics(m, version, self.stats.get(m.name, CallStats()), registry)
+                    for m in chosen
+                ]
+            )
 
 
 def _statistics(

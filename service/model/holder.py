@@ -1,9 +1,9 @@
-"""The live model, replaced without a restart.
+"""The live model version, replaced without a restart.
 
-`ModelHolder` holds the model version being served. Every VaeService call leases the live
-version once (`acquire`, and `release` when it ends: done by the interceptor), and the servicer
-reaches it through `CallModel`, so a call finishes on the version it started with even if a
-reload swaps another one in meanwhile.
+`ModelHolder` holds the model version being served. Every call leases it in one visible place,
+the servicer's `with models.lease() as model:`, and runs on that `ServedModel` to its end: a
+reload meanwhile swaps in another version for the calls that start later, and the old one is
+closed once its last lease ends.
 
 A reload (a new version directory found by `watch`, which polls the repository every
 `reload_interval` seconds, or an explicit trigger: SIGHUP) verifies, loads and warms the new
@@ -19,60 +19,44 @@ changes.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
-from collections.abc import Awaitable, Callable
-from contextvars import ContextVar, Token
-from dataclasses import dataclass
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Protocol
 
 from export.manifest import ModelError, resolve_version
 from service.metrics import Metrics
 from service.model.runtime import ModelInfo
+from service.model.served import ServedModel, open_model
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-class Servable(Protocol):
-    """One loaded model version (`service.model.ServedModel`)."""
+class _Version(AbstractContextManager[ServedModel]):
+    """One loaded version and the calls leasing it: entering counts a call in, exiting counts
+    it out; once retired (a newer version went live), it closes after its last call."""
 
-    info: ModelInfo
+    def __init__(self, model: ServedModel, close_later: Callable[[ServedModel], None]) -> None:
+        self.model = model
+        self.leases = 0
+        self.retired = False
+        self._close_later = close_later
 
-    async def offload(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any: ...
+    def __enter__(self) -> ServedModel:
+        self.leases += 1
+        return self.model
 
-    def warm_up(self) -> None: ...
+    def __exit__(self, *exc_info: object) -> None:
+        self.leases -= 1
+        if self.retired and self.leases == 0:
+            self._close_later(self.model)
 
-    def retire(self) -> None: ...
-
-    def close(self) -> Awaitable[None] | None: ...
-
-
-Loader = Callable[[Path], Servable]
-"""Opens (verifies and loads, not warms) one `<repo>/<name>/<version>` directory; raises
-ModelError or ProviderError."""
-
-
-def default_loader(settings: Settings, metrics: Metrics | None) -> Loader:
-    from service.model.served import open_model
-
-    return lambda directory: open_model(settings, metrics, directory)
-
-
-# The version the current call leased (set by `ModelHolder.acquire` in the call's own task).
-_leased: ContextVar[Servable | None] = ContextVar("vae_leased_model", default=None)
-
-
-@dataclass(eq=False)
-class _Version:
-    model: Servable
-    leases: int = 0
-    retired: bool = False
-
-
-Lease = tuple[_Version, Token[Servable | None]]
-"""What `ModelHolder.acquire` hands out and `release` takes back."""
+    def retire(self) -> None:
+        self.retired = True
+        self.model.retire()  # its last calls need not wait for fuller batches
+        if self.leases == 0:
+            self._close_later(self.model)
 
 
 def _fingerprint(directory: Path) -> tuple[tuple[str, int, int], ...]:
@@ -89,10 +73,9 @@ def _fingerprint(directory: Path) -> tuple[tuple[str, int, int], ...]:
 class ModelHolder:
     """The live version, its leases, and the reloads that replace it."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, loader: Loader | None = None) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.loader = loader if loader is not None else default_loader(settings, metrics)
         self._live: _Version | None = None
         self._lock = asyncio.Lock()
         self._closing: set[asyncio.Task[None]] = set()
@@ -105,34 +88,27 @@ class ModelHolder:
         directory = resolve_version(
             self.settings.model_repo, self.settings.model_name, self.settings.model_version
         )
-        self._live = _Version(self.loader(directory))
+        self._live = _Version(open_model(self.settings, self.metrics, directory), self._close_later)
         self._publish(self.current.info)
         return self.current.info
 
     async def warm_up(self) -> None:
+        """Run the live version once at the warm-up batch sizes (ModelError if it fails)."""
         await _warm(self.current)
 
     @property
-    def current(self) -> Servable:
+    def current(self) -> ServedModel:
+        """The live version (for what is not a call: a call leases it with `lease`)."""
         if self._live is None:
             raise RuntimeError("ModelHolder.open() was not called")
         return self._live.model
 
-    def acquire(self) -> Lease:
-        """Lease the live version for one call (in the call's own task): `CallModel` resolves
-        to it until `release`, and the version is not closed before then."""
-        version = self._live
-        if version is None:
+    def lease(self) -> AbstractContextManager[ServedModel]:
+        """The live version for one call: `with models.lease() as model:`. The call runs on
+        that version to its end, and the version is not closed before then."""
+        if self._live is None:
             raise RuntimeError("ModelHolder.open() was not called")
-        version.leases += 1
-        return version, _leased.set(version.model)
-
-    def release(self, lease: Lease) -> None:
-        version, token = lease
-        _leased.reset(token)
-        version.leases -= 1
-        if version.retired and version.leases == 0:
-            self._close_later(version.model)
+        return self._live
 
     async def reload(self, *, force: bool = False) -> bool:
         """Swap in the version the settings resolve to (the newest, unless one is pinned) if it
@@ -163,7 +139,7 @@ class ModelHolder:
                 self._rejected[directory] = fingerprint
                 return self._reject(directory, str(e))
             self._rejected.pop(directory, None)
-            old, self._live = self._live, _Version(candidate)
+            old, self._live = self._live, _Version(candidate, self._close_later)
             self._publish(candidate.info)
             self.metrics.model_reloads.labels("success").inc()
             log.info(
@@ -173,21 +149,20 @@ class ModelHolder:
                 live.version,
             )
             if old is not None:
-                old.retired = True
-                old.model.retire()  # its last calls need not wait for fuller batches
-                if old.leases == 0:
-                    self._close_later(old.model)
+                old.retire()
             return True
 
-    async def _load_and_warm(self, directory: Path) -> Servable:
+    async def _load_and_warm(self, directory: Path) -> ServedModel:
         """Open and warm one version off the event loop; on any failure, or if the reload is
         cancelled (shutdown), the half-made version is closed, never leaked."""
-        loading = asyncio.ensure_future(asyncio.to_thread(self.loader, directory))
+        loading = asyncio.ensure_future(
+            asyncio.to_thread(open_model, self.settings, self.metrics, directory)
+        )
         try:
             candidate = await asyncio.shield(loading)
         except asyncio.CancelledError:  # the load goes on in its thread: close what it makes
 
-            def close_when_loaded(done: asyncio.Future[Servable]) -> None:
+            def close_when_loaded(done: asyncio.Future[ServedModel]) -> None:
                 if not done.cancelled() and done.exception() is None:
                     self._close_later(done.result())
 
@@ -195,10 +170,8 @@ class ModelHolder:
             raise
         try:
             await _warm(candidate)
-        except BaseException as e:
+        except BaseException:
             await _close(candidate)
-            if isinstance(e, Exception):
-                raise ModelError(f"warm-up failed: {e}") from e
             raise
         return candidate
 
@@ -241,52 +214,21 @@ class ModelHolder:
     def _publish(self, info: ModelInfo) -> None:
         self.metrics.set_model(info.name, info.version, info.providers, info.precision)
 
-    def _close_later(self, model: Servable) -> None:
+    def _close_later(self, model: ServedModel) -> None:
         task = asyncio.get_running_loop().create_task(_close(model))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
 
-async def _warm(model: Servable) -> None:
-    result = await model.offload(model.warm_up)
-    if inspect.isawaitable(result):
-        await result
-
-
-async def _close(model: Servable) -> None:
+async def _warm(model: ServedModel) -> None:
     try:
-        if inspect.iscoroutinefunction(model.close):
-            await model.close()
-        else:
-            await asyncio.to_thread(model.close)  # e.g. a Runtime: joins its threads
+        await model.offload(model.warm_up)
+    except Exception as e:  # ONNX Runtime's own errors
+        raise ModelError(f"warm-up failed: {e}") from e
+
+
+async def _close(model: ServedModel) -> None:
+    try:
+        await model.close()
     except Exception:
         log.exception("closing model version %d failed", model.info.version)
-
-
-class CallModel:
-    """The servicer's model: the version the current call leased (see `ModelHolder.acquire`),
-    else the live one. Attribute reads resolve per call, so `self.model.info` and
-    `self.model.decode(...)` in one RPC always reach the same version."""
-
-    def __init__(self, holder: ModelHolder) -> None:
-        self._holder = holder
-
-    def _model(self) -> Any:
-        leased = _leased.get()
-        return leased if leased is not None else self._holder.current
-
-    @property
-    def info(self) -> ModelInfo:
-        return self._model().info  # type: ignore[no-any-return]
-
-    async def encode(self, images: Any, **kwargs: Any) -> Any:
-        return await self._model().encode(images, **kwargs)
-
-    async def decode(self, latents: Any, **kwargs: Any) -> Any:
-        return await self._model().decode(latents, **kwargs)
-
-    async def offload(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return await self._model().offload(fn, *args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model(), name)

@@ -1,23 +1,18 @@
-"""The model on ONNX Runtime: verified loading, provider selection, warm-up, and batch-oriented
-async inference run off the event loop. No gRPC here.
-
-`Runtime.encode(images [N, 784] float32) -> (mean, log_variance)` and
-`Runtime.decode(latents [N, latent] float32) -> probabilities [N, 784] float32` (and
-`decode_logits`, the logits before the sigmoid) run in a thread pool sized by
-`settings.inference_workers`; ONNX Runtime releases the GIL, so the event loop keeps serving
-while they compute.
+"""One verified model version on ONNX Runtime: loading (`Runtime.load` checks the files
+against the manifest, the graphs' signatures against what the service serves, and runs both
+networks once), warm-up, and the synchronous runs the batchers call on the inference threads
+(`encode_sync`, `decode_sync`, `decode_logits_sync`; ONNX Runtime releases the GIL, so the
+event loop keeps serving meanwhile). Sessions and providers are `sessions.py`'s; the batchers
+and the async calls in front of the runtime are `served.py`'s. No gRPC here.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ParamSpec, TypeVar
 
 import numpy as np
 import onnxruntime as ort
@@ -29,30 +24,21 @@ from export.manifest import (
     ModelError,
     NetworkFile,
     open_version,
-    resolve_version,
 )
 from service.metrics import Metrics
+from service.model.sessions import CUDA, open_with_provider
 from service.sampling import sigmoid_
 from service.settings import IMAGE_SHAPE, Settings
 
 log = logging.getLogger(__name__)
 
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
 WARM_UP_BATCH_SIZES = (1, 64)
 # What the service serves: the codec reads and writes IMAGE_SHAPE images (a model for another
-# shape is refused at load), and latents within +-LATENT_LIMIT (the prior is N(0, I): beyond a few units
-# nothing is typical, and at float32's 3.4e38 the network overflows to NaN). A model is refused
-# unless its decoder stays finite at the corners of that box.
+# shape is refused at load), and latents within +-LATENT_LIMIT (the prior is N(0, I): beyond a
+# few units nothing is typical, and at float32's 3.4e38 the network overflows to NaN). A model
+# is refused unless its decoder stays finite at the corners of that box.
 SERVED_IMAGE_SHAPE = IMAGE_SHAPE
 LATENT_LIMIT = 1e4
-
-P = ParamSpec("P")
-T = TypeVar("T")
-
-
-class ProviderError(RuntimeError):
-    """The execution provider asked for cannot run here (e.g. `cuda` without a usable GPU)."""
 
 
 @dataclass(frozen=True)
@@ -69,57 +55,6 @@ class ModelInfo:
     @property
     def image_size(self) -> int:
         return int(np.prod(self.image_shape))
-
-
-def session_options(settings: Settings) -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = settings.intra_op_threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Spinning intra-op threads take cores from the event loop (measured: slower at every size).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    return options
-
-
-def _open_session(
-    path: Path, graph: bytes, settings: Settings, providers: list[str]
-) -> ort.InferenceSession:
-    """A session from the verified bytes (`path` only names it in errors)."""
-    try:
-        return ort.InferenceSession(graph, session_options(settings), providers=providers)
-    except Exception as e:  # ONNX Runtime raises its own untyped errors on a bad graph
-        reason = " ".join(str(e).split())  # one line in the log
-        raise ModelError(f"{path}: ONNX Runtime cannot load it: {reason}") from e
-
-
-def _open_with_provider(path: Path, graph: bytes, settings: Settings) -> ort.InferenceSession:
-    """Open one session on the provider the settings ask for.
-
-    onnxruntime-gpu lists CUDA as available even without a GPU, and a session asked for CUDA
-    silently runs on the CPU: only `get_providers()` after creation tells the truth.
-    """
-    if settings.provider == "cpu":
-        return _open_session(path, graph, settings, [CPU])
-    if settings.provider == "cuda":
-        session = _open_session(path, graph, settings, [CUDA, CPU])
-        if CUDA not in session.get_providers():
-            raise ProviderError(
-                "provider 'cuda' was requested but ONNX Runtime cannot use CUDA here (no GPU, "
-                f"or missing CUDA/cuDNN libraries; see its message above): providers in use are "
-                f"{session.get_providers()}. Use --provider auto or cpu to run on the CPU."
-            )
-        return session
-    if CUDA not in ort.get_available_providers():
-        return _open_session(path, graph, settings, [CPU])
-    # auto: try CUDA quietly (its failure is expected on CPU hosts), then tell what happened.
-    ort.set_default_logger_severity(4)
-    try:
-        session = _open_session(path, graph, settings, [CUDA, CPU])
-    finally:
-        ort.set_default_logger_severity(2)
-    return session
 
 
 def _check_signature(
@@ -216,14 +151,12 @@ class Runtime:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="inference")
 
     @classmethod
-    def load(cls, settings: Settings, metrics: Metrics | None = None) -> Runtime:
-        """Verify the model version's files against its manifest and open both sessions.
+    def load(cls, directory: Path, settings: Settings, metrics: Metrics | None = None) -> Runtime:
+        """Verify the files of one `<repo>/<name>/<version>` directory against its manifest,
+        open both sessions on the settings' provider and run them once (`_probe`).
 
         Raises ModelError (missing, tampered or inconsistent model) or ProviderError.
         """
-        directory = resolve_version(
-            settings.model_repo, settings.model_name, settings.model_version
-        )
         version = open_version(directory, settings.precision)
         manifest = version.manifest
         if tuple(manifest.image_shape) != SERVED_IMAGE_SHAPE:
@@ -236,7 +169,7 @@ class Runtime:
         sessions = {}
         for role, net in manifest.networks(settings.precision).items():
             path = directory / net.path
-            session = _open_with_provider(path, version.networks[role], settings)
+            session = open_with_provider(path, version.networks[role], settings)
             if role in version.malformed:  # ONNX Runtime took it; its tensors are unchecked
                 raise ModelError(version.malformed[role])
             _check_signature(session, net, role, path, widths[role])
@@ -323,26 +256,6 @@ class Runtime:
             latents = np.zeros((n, self.latent_size), dtype=np.float32)
             self.decoder.run(None, {self._latent_input: latents})
         log.info("warmed up in %.1f ms", 1000 * (time.perf_counter() - start))
-
-    # Asynchronous API: what the servicer (or a batcher in front of it) awaits.
-
-    async def offload(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run CPU-heavy work (inference, large conversions) in the inference thread pool."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
-
-    async def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """images float32 [N, 784] in [0, 1] -> (mean, log_variance) float32 [N, latent]."""
-        return await self.offload(self.encode_sync, images)
-
-    async def decode(self, latents: np.ndarray) -> np.ndarray:
-        """latents float32 [N, latent] -> Bernoulli probabilities float32 [N, 784]."""
-        return await self.offload(self.decode_sync, latents)
-
-    async def decode_logits(self, latents: np.ndarray) -> np.ndarray:
-        """latents float32 [N, latent] -> the decoder's Bernoulli logits float32 [N, 784]
-        (what log-likelihoods are computed from: Score)."""
-        return await self.offload(self.decode_logits_sync, latents)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -1,8 +1,9 @@
-"""A servable model: one verified model version (`Runtime`) with one `Batcher` per network in
-front of it. `open_model` is the one place that builds it: the server calls it at start, and a
-hot reload calls it again for the new version, then swaps the result in and `close()`s the old.
+"""A served model version: one verified `Runtime` with one `Batcher` per network in front of
+it, and what a call awaits of it (`encode`, `decode`, `decode_logits`, `offload`). `open_model`
+is the one place that builds it: the `ModelHolder` calls it at start and again for each new
+version of a hot reload.
 
-    model = open_model(settings, metrics)          # the version the settings name
+    model = open_model(settings, metrics, directory)
     await model.offload(model.warm_up)
     probabilities = await model.decode(latents, deadline=time.monotonic() + 5)
     await model.close()                            # after the server stopped sending work
@@ -17,7 +18,7 @@ from typing import ParamSpec, TypeVar
 
 import numpy as np
 
-from export.manifest import ModelError, version_number
+from export.manifest import resolve_version
 from service.batching.batcher import Batcher
 from service.metrics import Metrics
 from service.model.runtime import ModelInfo, Runtime
@@ -78,8 +79,10 @@ class ServedModel:
         return logits
 
     async def offload(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run CPU-heavy work (large conversions) on the inference executor."""
-        return await self.runtime.offload(fn, *args, **kwargs)
+        """Run CPU-heavy work (warm-up, large conversions, scores) on the inference threads,
+        off the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.runtime.executor, lambda: fn(*args, **kwargs))
 
     def warm_up(self) -> None:
         """Run both networks at the warm-up batch sizes (blocking: offload it)."""
@@ -102,20 +105,11 @@ class ServedModel:
 def open_model(
     settings: Settings, metrics: Metrics | None = None, directory: Path | None = None
 ) -> ServedModel:
-    """Load and verify a model version and put batchers in front of it (not warmed up).
-
-    `directory` (a `<repo>/<name>/<version>` folder) overrides the version the settings name.
-    Raises ModelError or ProviderError, like `Runtime.load`.
-    """
-    if directory is not None:
-        version = version_number(directory.name)
-        if version is None:
-            raise ModelError(f"{directory}: not a version folder name")
-        settings = settings.model_copy(
-            update={
-                "model_repo": directory.parent.parent,
-                "model_name": directory.parent.name,
-                "model_version": version,
-            }
+    """Load and verify one `<repo>/<name>/<version>` directory (by default the version the
+    settings name) and put batchers in front of it (not warmed up). Raises ModelError or
+    ProviderError, like `Runtime.load`."""
+    if directory is None:
+        directory = resolve_version(
+            settings.model_repo, settings.model_name, settings.model_version
         )
-    return ServedModel(Runtime.load(settings, metrics), settings, metrics)
+    return ServedModel(Runtime.load(directory, settings, metrics), settings, metrics)

@@ -13,16 +13,16 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1._async import HealthServicer
 from PIL import Image
 from service_harness import BackgroundLoop, open_channel, tiny_settings
 
+from service.health import HealthServicer
 from service.interceptors import INTERNAL_MESSAGE, ServiceInterceptor
 from service.metrics import Metrics
 from service.model.runtime import ModelInfo
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
 from service.server import create_server
-from service.servicer import VaeServicer
+from service.servicer import VaeServicer, pinned
 from vae_client.client import to_tensor
 
 Stub = vae_pb2_grpc.VaeServiceStub
@@ -186,7 +186,7 @@ def bare_server(tiny_model: Path) -> Iterator[tuple[Stub, Metrics, asyncio.Event
 
     async def start() -> tuple[grpc.aio.Server, int, asyncio.Event]:
         ready = asyncio.Event()
-        servicer = VaeServicer(BrokenModel(), metrics, max_items=8)
+        servicer = VaeServicer(pinned(BrokenModel()), metrics, max_items=8)
         interceptor = ServiceInterceptor(metrics, ready)
         server, port = create_server(
             tiny_settings(tiny_model), servicer, HealthServicer(), interceptor

@@ -23,7 +23,8 @@ import pytest
 from service_harness import open_channel, scrape, tiny_settings
 
 from bench.served_process import ServerProcess
-from service.model.runtime import CUDA, ProviderError, Runtime
+from service.model.runtime import Runtime
+from service.model.sessions import CUDA, ProviderError
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
 
 SERVING_LINE = re.compile(r"SERVING .* on port (\d+) \(metrics: port (\d+)\) after ([\d.]+) s")
@@ -117,7 +118,8 @@ def test_cuda_serves_where_a_gpu_works(tiny_model: Path) -> None:
     reason = cuda_unusable(tiny_model)
     if reason is not None:
         pytest.skip(f"no working CUDA here: {reason}")
-    runtime = Runtime.load(tiny_settings(tiny_model, provider="cuda"))  # pragma: no cover
+    settings = tiny_settings(tiny_model, provider="cuda")  # pragma: no cover
+    runtime = Runtime.load(tiny_model, settings)  # pragma: no cover
     try:  # pragma: no cover - a machine with a working GPU
         assert CUDA in runtime.encoder.get_providers()
         assert CUDA in runtime.decoder.get_providers()
@@ -147,7 +149,7 @@ def test_auto_falls_back_to_the_cpu_with_a_warning(
     tiny_model: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="service.model.runtime"):
-        runtime = Runtime.load(tiny_settings(tiny_model, provider="auto"))
+        runtime = Runtime.load(tiny_model, tiny_settings(tiny_model, provider="auto"))
     runtime.close()
     if CUDA in runtime.info.providers:  # pragma: no cover - a machine with a working GPU
         pytest.skip("CUDA works here")
@@ -157,7 +159,7 @@ def test_auto_falls_back_to_the_cpu_with_a_warning(
 
 def test_cuda_is_refused_in_process_too(tiny_model: Path) -> None:
     try:
-        runtime = Runtime.load(tiny_settings(tiny_model, provider="cuda"))
+        runtime = Runtime.load(tiny_model, tiny_settings(tiny_model, provider="cuda"))
     except ProviderError as e:
         assert "Use --provider auto or cpu" in str(e)
     else:  # pragma: no cover - a machine with a working GPU

@@ -6,9 +6,6 @@ our Sample(N, uint8)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +13,7 @@ from pathlib import Path
 
 import grpc
 
+from bench.process_group import spawn_group, stop_group
 from service.proto.inference.v2 import grpc_predict_v2_pb2 as pb
 from service.proto.inference.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
 
@@ -47,16 +45,13 @@ def _ready(target: str) -> bool:
 def triton(version_dir: Path, cpus: str, workdir: Path) -> Iterator[str]:
     """Triton serving `version_dir`'s decoder; yields its gRPC target."""
     command = [
-        "taskset", "-c", cpus, str(PYTHON), str(PEERS / "pytriton_server.py"), str(version_dir),
+        str(PYTHON), str(PEERS / "pytriton_server.py"), str(version_dir),
         "--grpc-port", str(PORT), "--http-port", str(PORT - 1), "--metrics-port", str(PORT + 1),
         "--workdir", str(workdir / "triton"), "--max-batch-size", "1024",
         "--max-queue-delay-us", "500",
     ]  # fmt: skip
     log = workdir / "triton.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    proc = spawn_group(command, cpus, log)
     target = f"127.0.0.1:{PORT}"
     try:
         began = time.monotonic()
@@ -66,25 +61,4 @@ def triton(version_dir: Path, cpus: str, workdir: Path) -> Iterator[str]:
             time.sleep(0.5)
         yield target
     finally:
-        _stop(proc)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    group = proc.pid  # start_new_session: the group id is the leader's pid
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    while time.monotonic() < deadline and _alive(group):
-        proc.poll()
-        time.sleep(0.1)
-    if _alive(group):
-        os.killpg(group, signal.SIGKILL)
-    proc.wait(timeout=10)
-
-
-def _alive(group: int) -> bool:
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    return True
+        stop_group(proc, STOP_TIMEOUT_S)

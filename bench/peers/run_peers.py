@@ -26,21 +26,26 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from v2_client import GRPCInferenceServiceStub, channel, wait_ready
-
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+if str(ROOT) not in sys.path:  # run as a script: make the checkout importable
+    sys.path.insert(0, str(ROOT))
+
+from v2_client import GRPCInferenceServiceStub, channel, wait_ready  # noqa: E402
+
+from bench.process_group import cpu_seconds, rss_mb, spawn_group, stop_group  # noqa: E402
+
 MODEL = "vae_decoder_uint8"
 LOAD_POINTS = ((1, 32), (64, 8), (64, 32))  # (images per request, requests in flight)
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 45.0  # Triton waits up to 30 s for in-flight work (exit_timeout)
 RSS_SAMPLE_S = 0.25
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -77,45 +82,6 @@ PEERS = {
 }
 
 
-# -- the server's process tree ------------------------------------------------------------------
-
-
-def tree(root: int) -> list[int]:
-    """`root` and all its descendants still alive."""
-    pids, i = [root], 0
-    while i < len(pids):
-        for task in Path(f"/proc/{pids[i]}/task").glob("*"):
-            with suppress(OSError):
-                pids += [int(p) for p in (task / "children").read_text().split()]
-        i += 1
-    return pids
-
-
-def rss_mb(root: int) -> float:
-    """Resident memory of the whole tree (VmRSS summed; shared pages count once per process)."""
-    total_kb = 0
-    for pid in tree(root):
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            continue
-        if match := re.search(r"^VmRSS:\s+(\d+) kB", status, re.M):
-            total_kb += int(match.group(1))
-    return total_kb / 1024
-
-
-def cpu_seconds(root: int) -> float:
-    """User + system CPU of the tree so far."""
-    ticks = 0
-    for pid in tree(root):
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / CLOCK_TICKS
-
-
 def port_free(port: int) -> bool:
     with socket.socket() as s:
         try:
@@ -136,40 +102,15 @@ def server(peer: Peer, version_dir: Path, cpus: str, workdir: Path, log: Path) -
     if peer.name == "mlserver":
         folder.mkdir()
     command = [
-        "taskset", "-c", cpus, str(peer.python), str(HERE / peer.script), str(version_dir),
+        str(peer.python), str(HERE / peer.script), str(version_dir),
         "--grpc-port", str(peer.port), "--http-port", str(peer.port - 1),
         "--metrics-port", str(peer.port + 1), folder_flag, str(folder), *peer.args,
     ]  # fmt: skip
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    proc = spawn_group(command, cpus, log)
     try:
         yield proc.pid
     finally:
-        stop(proc)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the server, wait for its whole process group to exit, SIGKILL what remains."""
-    group = proc.pid  # start_new_session: the group id is the leader's pid
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    while time.monotonic() < deadline and group_alive(group):
-        proc.poll()  # reap the leader when it exits
-        time.sleep(0.1)
-    if group_alive(group):
-        os.killpg(group, signal.SIGKILL)
-    proc.wait(timeout=10)
-
-
-def group_alive(group: int) -> bool:
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    return True
+        stop_group(proc, STOP_TIMEOUT_S)
 
 
 # -- the load -----------------------------------------------------------------------------------

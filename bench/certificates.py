@@ -81,9 +81,10 @@ def _issue(
     return builder.sign(issuer_key, hashes.SHA256())
 
 
-def _write(
+def write_pem(
     directory: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
 ) -> tuple[Path, Path]:
+    """`<stem>.pem` and `<stem>.key` (PKCS#8, unencrypted, owner-only) in `directory`."""
     cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(
@@ -102,13 +103,14 @@ def make_pki(directory: Path) -> Pki:
     directory.mkdir(parents=True, exist_ok=True)
     ca_key, rogue_ca_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(2))
     ca_cert = _issue("vae-test-ca", ca_key, None, ca=True)
-    ca_path, _ = _write(directory, "ca", ca_cert, ca_key)
+    ca_path, _ = write_pem(directory, "ca", ca_cert, ca_key)
     ca = (ca_cert.subject, ca_key)
     rogue_ca = (_name("rogue-ca"), rogue_ca_key)
     keys = {stem: ec.generate_private_key(ec.SECP256R1()) for stem in ("server", "client", "rogue")}
-    server = _write(
-        directory, "server", _issue("vae-serve", keys["server"], ca, server=True), keys["server"]
-    )
-    client = _write(directory, "client", _issue("vae-client", keys["client"], ca), keys["client"])
-    rogue = _write(directory, "rogue", _issue("intruder", keys["rogue"], rogue_ca), keys["rogue"])
+    certs = {
+        "server": _issue("vae-serve", keys["server"], ca, server=True),
+        "client": _issue("vae-client", keys["client"], ca),
+        "rogue": _issue("intruder", keys["rogue"], rogue_ca),
+    }
+    server, client, rogue = (write_pem(directory, s, certs[s], keys[s]) for s in certs)
     return Pki(ca_path, *server, *client, *rogue)

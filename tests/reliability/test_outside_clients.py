@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 from reliability_harness import wait_until
 from service_harness import Served, running, scrape, tiny_settings
 
+from bench.certificates import write_pem
 from service.metrics import Metrics
 from service.metrics_http import MetricsServer
 from service.server import SERVICE_NAME, StartupError
@@ -134,16 +135,7 @@ def certificate(directory: Path, not_before: datetime.datetime, days: int) -> tu
         .sign(key, hashes.SHA256())
     )
     directory.mkdir(parents=True, exist_ok=True)
-    cert_path, key_path = directory / "server.pem", directory / "server.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
+    return write_pem(directory, "server", cert, key)
 
 
 NOW = datetime.datetime.now(datetime.UTC)

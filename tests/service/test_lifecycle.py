@@ -3,10 +3,12 @@ and exit code 1; on SIGTERM it drains in-flight calls, loses none, and exits 0."
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -20,12 +22,15 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
-from service_harness import open_channel, scrape, tiny_settings
+from service_harness import BackgroundLoop, open_channel, scrape, tiny_settings
 
 from bench.served_process import ServerProcess
+from bench.servers import free_port
+from export.manifest import MANIFEST_FILE, ModelError, sha256_of
 from service.model.runtime import Runtime
 from service.model.sessions import CUDA, ProviderError
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
+from service.server import Service
 
 SERVING_LINE = re.compile(r"SERVING .* on port (\d+) \(metrics: port (\d+)\) after ([\d.]+) s")
 
@@ -165,6 +170,47 @@ def test_cuda_is_refused_in_process_too(tiny_model: Path) -> None:
     else:  # pragma: no cover - a machine with a working GPU
         runtime.close()
         pytest.skip("CUDA works here")
+
+
+def decoder_for_batches_of_2(version: Path) -> None:
+    """Replace the decoder by one that passes loading (the manifest vouches for it, and the
+    load-time probe runs a batch of 2 and gets finite values) but declares a fixed batch of 2,
+    so the warm-up's batch of 1 fails."""
+    from onnx import TensorProto, helper
+
+    manifest = json.loads((version / MANIFEST_FILE).read_text())
+    latent = manifest["latent_size"]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["latent", "weights"], ["logits"])],
+        "a-fixed-batch-of-2",
+        [helper.make_tensor_value_info("latent", TensorProto.FLOAT, [2, latent])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 784])],
+        [helper.make_tensor("weights", TensorProto.FLOAT, [latent, 784], [0.0] * latent * 784)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = version / "decoder.onnx"
+    path.write_bytes(model.SerializeToString())
+    manifest["decoder"]["sha256"] = sha256_of(path)
+    (version / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def test_a_model_failing_warm_up_leaves_no_port_listening(tiny_model: Path, tmp_path: Path) -> None:
+    """The ports open before warm-up (the startupProbe sees NOT_SERVING meanwhile); when warm-up
+    fails, the start stops the gRPC, health and metrics servers before raising."""
+    version = copy_repo(tiny_model, tmp_path) / "tiny-vae" / "1"
+    decoder_for_batches_of_2(version)
+    ports = {"port": free_port(), "health_port": free_port(), "metrics_port": free_port()}
+    background = BackgroundLoop()
+    try:
+        with pytest.raises(ModelError, match="warm-up failed"):
+            background.run(Service.start(tiny_settings(version, **ports)))
+    finally:
+        background.close()
+    for name, port in ports.items():
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+            pytest.fail(f"{name} {port} is still listening")
 
 
 @dataclass

@@ -26,7 +26,7 @@ from bench.inprocess import NoDeadline, version_settings
 from service.metrics import Metrics
 from service.model.served import ServedModel, open_model
 from service.proto.vae.v1 import vae_pb2
-from service.servicer import VaeServicer
+from service.servicer import VaeServicer, pinned
 
 MODES = {"on": {}, "off": {"batching": False}}
 
@@ -35,7 +35,8 @@ def _served(version_dir: Path, **overrides: Any) -> tuple[VaeServicer, ServedMod
     settings = version_settings(version_dir, **overrides)
     model = open_model(settings, Metrics())
     model.warm_up()
-    return VaeServicer(model, Metrics(), max_items=settings.max_items_per_request), model
+    servicer = VaeServicer(pinned(model), Metrics(), max_items=settings.max_items_per_request)
+    return servicer, model
 
 
 async def _burst(servicer: VaeServicer, request: vae_pb2.SampleRequest, seconds: float) -> dict:

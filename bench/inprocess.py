@@ -93,7 +93,7 @@ def version_settings(version_dir: Path, **overrides: Any) -> Settings:
 
 
 def open_runtime(version_dir: Path) -> Runtime:
-    return Runtime.load(version_settings(version_dir, inference_workers=1))
+    return Runtime.load(version_dir, version_settings(version_dir, inference_workers=1))
 
 
 def onnxruntime_cases(runtime: Runtime, sizes: list[int]) -> list[Case]:
@@ -130,13 +130,13 @@ def servicer_cases(version_dir: Path, sizes: list[int]) -> tuple[list[Case], Cal
     from service.metrics import Metrics
     from service.model.served import open_model
     from service.proto.vae.v1 import vae_pb2
-    from service.servicer import VaeServicer
+    from service.servicer import VaeServicer, pinned
 
     settings = version_settings(version_dir)  # default workers: the CPUs this process may use
     metrics = Metrics()
     model = open_model(settings, metrics)
     model.warm_up()
-    servicer = VaeServicer(model, metrics, max_items=settings.max_items_per_request)
+    servicer = VaeServicer(pinned(model), metrics, max_items=settings.max_items_per_request)
     loop = uvloop.new_event_loop()
     context: Any = NoDeadline()
 

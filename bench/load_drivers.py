@@ -1,6 +1,6 @@
-"""Load for the reliability campaign (bench/reliability.py): an open-loop driver that keeps
-sending whatever the replies do, closed-loop callers that record every call, a health prober in
-a process of its own, and the percentiles of what they saw.
+"""Load for the reliability campaign (bench/reliability.py): the client's open-loop driver (it
+keeps sending whatever the replies do), closed-loop callers, a health prober in a process of its
+own, and the percentiles of what they saw.
 
 Every call is recorded as a `Call` (when it was meant to start, when it started and ended, its
 status and details), so a scenario can ask afterwards which calls were in flight at a given
@@ -9,7 +9,6 @@ moment and how each one ended.
 
 from __future__ import annotations
 
-import asyncio
 import multiprocessing
 import threading
 import time
@@ -25,6 +24,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bench.servers import ServerProcess
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
 from vae_client.client import MAX_MESSAGE_BYTES
+from vae_client.load_driver import LoadRun, RawCall
+from vae_client.load_requests import LoadConfig
 
 MB = 1024 * 1024
 OPTIONS = [
@@ -35,7 +36,7 @@ OPTIONS = [
 
 @dataclass(frozen=True)
 class Call:
-    scheduled: float  # time.monotonic() the call was meant to start (open loop) or started
+    scheduled: float  # monotonic time the call was meant to start (open loop) or started
     started: float
     ended: float
     code: str  # grpc.StatusCode name
@@ -68,41 +69,40 @@ def codes(calls: Iterable[Call]) -> dict[str, int]:
 # -- open loop ----------------------------------------------------------------------------------
 
 
+class RecordedOpenLoop(LoadRun):
+    """The client's open-loop driver (`vae-loadtest`'s schedule and send lag), each call recorded
+    as a `Call` instead of counted in a histogram."""
+
+    def __init__(self, config: LoadConfig, send: RawCall, request: bytes) -> None:
+        super().__init__(config, [send], [request])
+        self.recorded: list[Call] = []
+
+    async def call(self, measured: bool, start: float) -> None:
+        """One call, scheduled at `start` (time.perf_counter(): the monotonic clock)."""
+        started = time.perf_counter()
+        try:
+            await self.calls[0](self.payloads[0], timeout=self.config.timeout)
+            code, details = "OK", ""
+        except grpc.aio.AioRpcError as e:
+            code, details = e.code().name, e.details() or ""
+        self.recorded.append(Call(start, started, time.perf_counter(), code, details))
+
+
 async def open_loop(
     target: str, method: str, request: bytes, rate: float, seconds: float, timeout: float
 ) -> tuple[list[Call], float]:
     """Send `request` (serialized) to `method` `rate` times a second for `seconds`, on a
     schedule that ignores the replies. Returns every call and the worst lag of a send behind
     its schedule (the driver's own limit: if it is large, the offered load was not offered)."""
-    calls: list[Call] = []
+    config = LoadConfig(
+        targets=(target,), method=method, rate=rate, duration=seconds, warmup=0.0, timeout=timeout
+    )
     async with grpc.aio.insecure_channel(target, options=OPTIONS) as channel:
         send = channel.unary_unary(method)  # type: ignore[call-arg]  # bytes in, bytes out
         await channel.channel_ready()
-        pending: set[asyncio.Task[None]] = set()
-        begin = time.monotonic()
-        worst_lag = 0.0
-
-        async def one(scheduled: float) -> None:
-            started = time.monotonic()
-            try:
-                await send(request, timeout=timeout)
-                code, details = "OK", ""
-            except grpc.aio.AioRpcError as e:
-                code, details = e.code().name, e.details() or ""
-            calls.append(Call(scheduled, started, time.monotonic(), code, details))
-
-        for i in range(int(rate * seconds)):
-            scheduled = begin + i / rate
-            delay = scheduled - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            worst_lag = max(worst_lag, time.monotonic() - scheduled)
-            task = asyncio.create_task(one(scheduled))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-        if pending:
-            await asyncio.wait(pending)
-    return calls, worst_lag
+        run = RecordedOpenLoop(config, send, request)
+        await run.open_loop()
+    return run.recorded, run.send_lag_max
 
 
 # -- closed loop --------------------------------------------------------------------------------

@@ -22,9 +22,9 @@ from google.protobuf.message import Message
 from PIL import Image
 
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
+from service.settings import IMAGE_SHAPE
 from vae_client.client import MAX_MESSAGE_BYTES
 
-IMAGE_SHAPE = (28, 28)
 # A seed of typical varint size: the real service returns a random 64-bit one.
 SEED = 0x9E3779B97F4A7C15
 

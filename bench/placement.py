@@ -17,6 +17,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def port_free(port: int) -> bool:
+    """Whether `port` on loopback is free (a peer's fixed port: is an earlier one still up?)."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def cpu_list(spec: str) -> list[int]:
     """taskset's list syntax: "1", "0-1", "0,2-3"."""
     cpus: list[int] = []

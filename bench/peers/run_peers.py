@@ -20,7 +20,6 @@ import os
 import platform
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ if str(ROOT) not in sys.path:  # run as a script: make the checkout importable
 
 from v2_client import GRPCInferenceServiceStub, channel, wait_ready  # noqa: E402
 
+from bench.placement import port_free  # noqa: E402
 from bench.process_group import cpu_seconds, rss_mb, spawn_group, stop_group  # noqa: E402
 
 MODEL = "vae_decoder_uint8"
@@ -80,15 +80,6 @@ PEERS = {
         ("--max-batch-size", "1024", "--max-batch-time", "0.0005"),
     ),
 }
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 @contextmanager

@@ -49,7 +49,17 @@ PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("sigmoid (numpy)", ("sigmoid_",)),
     ("uint8 conversion (numpy)", ("to_uint8", "bernoulli", "png_bytes")),
     ("latent draw (numpy RNG)", ("prior_latents", "pick_seed", "numpy/random")),
-    ("protobuf: parse, build, serialize", ("(service/codec.py", "_message.abi3", "upb_")),
+    (
+        "protobuf: parse, build, serialize",
+        (
+            "(service/codec.py",
+            "(service/tensors.py",
+            "(service/images.py",
+            "(service/methods.py",
+            "_message.abi3",
+            "upb_",
+        ),
+    ),
     ("metrics (prometheus_client)", ("prometheus_client",)),
     (
         "batcher and executor hop",
@@ -57,7 +67,14 @@ PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
     (
         "servicer, interceptor, model lease",
-        ("(service/servicer.py", "(service/interceptors.py", "(service/model", "(service/server"),
+        (
+            "(service/servicer.py",
+            "(service/interceptors.py",
+            "(service/model",
+            "(service/server",
+            "(service/lifecycle.py",
+            "(service/delivery.py",
+        ),
     ),
     ("gRPC (Cython and C core)", ("grpc",)),
     ("event loop (uvloop)", ("uvloop", "loop.c", "uv_", "uv__", "Runner.run")),

@@ -162,7 +162,7 @@ class Metrics:
 
 
 class BatchMetrics:
-    """A `service.batching.BatchObserver` writing one queue's batch metrics."""
+    """A `service.batching.queue.BatchObserver` writing one queue's batch metrics."""
 
     def __init__(self, rows: Histogram, runs: Counter, wait: Histogram, depth: Gauge) -> None:
         self._rows, self._runs, self._wait, self._depth = rows, runs, wait, depth

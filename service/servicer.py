@@ -18,6 +18,7 @@ import grpc
 import numpy as np
 
 from service import codec, latent
+from service.images import INLINE_PNG_IMAGES
 from service.methods import not_inference
 from service.metrics import Metrics
 from service.model.runtime import ModelInfo
@@ -28,8 +29,8 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 # Conversions above these sizes run in the inference pool instead of on the event loop
-# (PNG costs about 45 us an image; the tensor formats about 1 us a row).
-INLINE_PNG_IMAGES = 16
+# (PNG costs about 45 us an image, either way: `images.INLINE_PNG_IMAGES`; the tensor formats
+# about 1 us a row).
 INLINE_ROWS = 512
 
 

@@ -78,7 +78,9 @@ def test_no_import_circle() -> None:
     known = modules()
     graph = {name: imports_of(path, known) - {name} for name, path in known.items()}
     # A package's own __init__ is a parent of its modules, not an edge back.
-    graph = {name: {i for i in deps if not name.startswith(i + ".")} for name, deps in graph.items()}
+    graph = {
+        name: {i for i in deps if not name.startswith(i + ".")} for name, deps in graph.items()
+    }
     state: dict[str, int] = {}  # 1: on the current path, 2: done
     circles: list[list[str]] = []
 
@@ -95,6 +97,15 @@ def test_no_import_circle() -> None:
         if name not in state:
             visit(name, [name])
     assert circles == []
+
+
+def test_every_package_folder_is_a_regular_package() -> None:
+    """setuptools' find_packages (the image's `pip install .`) skips a folder without an
+    __init__.py: its modules would be missing from the image, though an editable install works."""
+    folders = {path.parent for path in modules().values()}
+    assert (
+        sorted(str(f.relative_to(ROOT)) for f in folders if not (f / "__init__.py").is_file()) == []
+    )
 
 
 @pytest.mark.parametrize("package", PACKAGES)

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.served_process import scrape, total
+from bench.servers import scrape, total
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICE = "vae.v1.VaeService"

@@ -32,7 +32,7 @@ from reliability_harness import (
 )
 from service_harness import Served, open_channel, running, tiny_settings
 
-from bench.served_process import ServerProcess
+from bench.servers import ServerProcess
 from export.manifest import MANIFEST_FILE, sha256_of
 from export.model import VAE, VAEConfig
 from export.onnx_export import export_version

@@ -26,7 +26,7 @@ from reliability_harness import (
 )
 from service_harness import open_channel, running, tiny_settings
 
-from bench.served_process import ServerProcess
+from bench.servers import ServerProcess
 from export.model import VAE, VAEConfig
 from export.onnx_export import export_version
 from service.proto.vae.v1 import vae_pb2_grpc

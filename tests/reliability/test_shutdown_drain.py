@@ -29,13 +29,14 @@ from reliability_harness import code_of, wait_until
 from service_harness import running, tiny_settings
 
 from bench.h2_peer import H2Peer
-from bench.served_process import ServerProcess
+from bench.servers import ServerProcess
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
+from vae_client.client import MAX_MESSAGE_BYTES
 
 ROOT = Path(__file__).resolve().parents[2]
 NO_RETRIES = [
     ("grpc.enable_retries", 0),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
 
 

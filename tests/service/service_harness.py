@@ -15,13 +15,14 @@ from typing import Any, TypeVar
 import grpc
 
 # The /metrics parser, re-exported for the tests that import it from here.
-from bench.served_process import Samples as Samples
-from bench.served_process import scrape as scrape
+from bench.servers import Samples as Samples
+from bench.servers import scrape as scrape
 from service.server import Service
 from service.settings import Settings
+from vae_client.client import MAX_MESSAGE_BYTES
 
 T = TypeVar("T")
-MAX_MESSAGE = 64 * 1024 * 1024
+MAX_MESSAGE = MAX_MESSAGE_BYTES
 
 
 class BackgroundLoop:

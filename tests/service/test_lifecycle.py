@@ -24,8 +24,7 @@ import onnxruntime as ort
 import pytest
 from service_harness import BackgroundLoop, open_channel, scrape, tiny_settings
 
-from bench.served_process import ServerProcess
-from bench.servers import free_port
+from bench.servers import ServerProcess, free_port
 from export.manifest import MANIFEST_FILE, ModelError, sha256_of
 from service.model.runtime import Runtime
 from service.model.sessions import CUDA, ProviderError

@@ -24,7 +24,7 @@ import pytest
 from service_harness import open_channel
 
 from bench.certificates import Pki, make_pki
-from bench.served_process import ServerProcess
+from bench.servers import ServerProcess
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
 
 MODEL = "tiny-vae"

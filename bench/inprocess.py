@@ -8,8 +8,9 @@ Three measurements per batch size, each back-to-back calls for `--duration` seco
 - `onnxruntime`: the decoder session alone (latents in, logits out), opened by the service's own
   `Runtime.load` (same session options: 1 intra-op thread, spinning off). The limit the
   service's ratios are taken against.
-- `pipeline`: what the service computes for Sample without any gRPC: the seeded prior draw, the
-  decoder run, the sigmoid and the uint8 conversion, all with the service's functions. The gap
+- `pipeline`: what the service computes for Sample without any gRPC: the seeded prior draw and
+  the decoder run to uint8 images (in the graph where the version has the image output, else
+  the numpy sigmoid and rounding), all with the service's functions. The gap
   between it and the service is the transport and the glue.
 - `servicer`: the servicer's Sample (uint8) awaited directly on an event loop, with the real
   model, batcher and executor: the service's own Python without gRPC (and without serializing
@@ -33,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from service.model.runtime import Runtime
-from service.sampling import prior_latents, to_uint8
+from service.sampling import prior_latents
 from service.settings import Settings
 
 WARMUP_S = 0.2
@@ -102,14 +103,15 @@ def onnxruntime_cases(runtime: Runtime, sizes: list[int]) -> list[Case]:
     cases: list[Case] = []
     for n in sizes:
         feed = {name: rng.standard_normal((n, runtime.latent_size), dtype=np.float32)}
-        cases.append(("onnxruntime", n, 1, partial(session.run, None, feed)))
+        logits = [session.get_outputs()[0].name]  # the network alone, not its uint8 tail
+        cases.append(("onnxruntime", n, 1, partial(session.run, logits, feed)))
     return cases
 
 
 def pipeline_cases(runtime: Runtime, sizes: list[int]) -> list[Case]:
     def sample(n: int) -> np.ndarray:
         latents = prior_latents(n, runtime.latent_size, 1, 1.0)
-        return to_uint8(runtime.decode_sync(latents))
+        return runtime.decode_uint8_sync(latents)
 
     return [("pipeline", n, 1, partial(sample, n)) for n in sizes]
 
@@ -173,11 +175,17 @@ def torch_cases(version_dir: Path, runtime: Runtime, sizes: list[int]) -> tuple[
     manifest = json.loads((version_dir / "manifest.json").read_text())
     decoder = Decoder(VAEConfig.from_dict(manifest["config"])).eval()
     graph = onnx.load(str(version_dir / manifest["decoder"]["path"])).graph
-    weights = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in graph.initializer}
-    decoder.load_state_dict(weights)  # strict: the ONNX names are the module's own
+    own = decoder.state_dict()  # the ONNX names are the module's own; the rest: the uint8 tail
+    weights = {
+        t.name: torch.from_numpy(numpy_helper.to_array(t).copy())
+        for t in graph.initializer
+        if t.name in own
+    }
+    decoder.load_state_dict(weights)  # strict: every parameter found
     rng = np.random.default_rng(0)
     check = rng.standard_normal((257, runtime.latent_size), dtype=np.float32)
-    (reference,) = runtime.decoder.run(None, {runtime.decoder.get_inputs()[0].name: check})
+    logits = runtime.decoder.get_outputs()[0].name
+    (reference,) = runtime.decoder.run([logits], {runtime.decoder.get_inputs()[0].name: check})
 
     def forward(z: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():

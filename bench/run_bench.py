@@ -136,7 +136,8 @@ def batch_figures(before: Samples, after: Samples) -> dict[str, Any]:
         return total(after, name, **labels) - total(before, name, **labels)
 
     images = delta("vae_images_generated_total") + delta("vae_images_encoded_total")
-    runs = sum(delta("vae_batch_runs_total", queue=q) for q in ("decoder", "encoder"))
+    queues = ("decoder", "decoder_images", "encoder")  # not Score's logits: no images counted
+    runs = sum(delta("vae_batch_runs_total", queue=q) for q in queues)
     return {"images_counted": images, "runs": runs, "rows_per_run": images / runs if runs else None}
 
 

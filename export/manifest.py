@@ -61,6 +61,9 @@ class Variant(BaseModel):
 
 
 FP32 = "fp32"  # the precision of the manifest's own encoder and decoder
+# The decoder's optional second output: its images as uint8 (export/image_output.py writes it;
+# a version without it has the server round in numpy instead).
+IMAGE_OUTPUT = "image"
 
 
 class Manifest(BaseModel):

@@ -19,7 +19,9 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from export.image_output import add_image_output
 from export.manifest import (
+    IMAGE_OUTPUT,
     Manifest,
     ModelError,
     NetworkFile,
@@ -158,33 +160,35 @@ def export_version(
                     f"{role}: PyTorch and ONNX Runtime differ by {err:.3g} > {PARITY_TOLERANCE}"
                 )
 
-        def spec(tensor_name: str, width: int) -> TensorSpec:
-            return TensorSpec(name=tensor_name, dtype="float32", shape=["N", width])
+        def spec(tensor_name: str, width: int, dtype: str = "float32") -> TensorSpec:
+            return TensorSpec(name=tensor_name, dtype=dtype, shape=["N", width])
 
         def network(path: str, role: str) -> NetworkFile:
             if role == "encoder":
-                inputs, outputs = [spec("image", IMAGE_SIZE)], ["mean", "log_variance"]
+                inputs = [spec("image", IMAGE_SIZE)]
+                outputs = [spec("mean", latent), spec("log_variance", latent)]
             else:
-                inputs, outputs = [spec("latent", latent)], ["logits"]
-            width = latent if role == "encoder" else IMAGE_SIZE
+                inputs = [spec("latent", latent)]
+                outputs = [spec("logits", IMAGE_SIZE), spec(IMAGE_OUTPUT, IMAGE_SIZE, "uint8")]
             return NetworkFile(
-                path=path,
-                sha256=sha256_of(staging / path),
-                inputs=inputs,
-                outputs=[spec(output, width) for output in outputs],
+                path=path, sha256=sha256_of(staging / path), inputs=inputs, outputs=outputs
             )
 
-        variants: dict[str, Variant] = {}
-        if variant_images is not None:
-            written, refused = write_variants(staging, *variant_images)
-            for precision, entry in written.items():
-                variants[precision] = Variant(
-                    encoder=network(f"encoder.{precision}.onnx", "encoder"),
-                    decoder=network(f"decoder.{precision}.onnx", "decoder"),
-                    **entry,
-                )
-            for reason in refused.values():
-                print(f"variant not written: {reason}", flush=True)
+        written, refused = (
+            write_variants(staging, *variant_images) if variant_images is not None else ({}, {})
+        )
+        for decoder in ["decoder.onnx", *(f"decoder.{p}.onnx" for p in written)]:
+            add_image_output(staging / decoder, IMAGE_SIZE)  # checked and gated: now the tail
+        variants = {
+            precision: Variant(
+                encoder=network(f"encoder.{precision}.onnx", "encoder"),
+                decoder=network(f"decoder.{precision}.onnx", "decoder"),
+                **entry,
+            )
+            for precision, entry in written.items()
+        }
+        for reason in refused.values():
+            print(f"variant not written: {reason}", flush=True)
 
         manifest = Manifest(
             name=name,
@@ -204,6 +208,8 @@ def export_version(
                 if parity_images is None
                 else parity_images_source,
                 "decoder_inputs": "random latents",
+                "decoder_image": "the uint8 image output (export/image_output.py) is appended "
+                "after this check, to every decoder file",
             },
             training=training or {},
             metrics=metrics or {},

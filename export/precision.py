@@ -73,11 +73,11 @@ class Networks:
         )
 
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        mean, log_variance = self.encoder.run(None, {"image": images})
+        mean, log_variance = self.encoder.run(["mean", "log_variance"], {"image": images})
         return mean, log_variance
 
     def logits(self, latents: np.ndarray) -> np.ndarray:
-        (logits,) = self.decoder.run(None, {"latent": latents})
+        (logits,) = self.decoder.run(["logits"], {"latent": latents})  # not the uint8 image
         return np.asarray(logits)
 
 

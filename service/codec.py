@@ -20,7 +20,8 @@ from service.errors import InvalidArgument
 # images_into, png_inline, tensor_into and tensor_out are re-exported for the servicer.
 from service.images import ImageFormat, images_in, images_into, png_inline  # noqa: F401
 from service.latent import Scores
-from service.model.runtime import LATENT_LIMIT, ModelInfo
+from service.model.graphs import LATENT_LIMIT
+from service.model.runtime import ModelInfo
 from service.proto.vae.v1 import vae_pb2
 from service.tensors import check_finite, tensor_array, tensor_into, tensor_out  # noqa: F401
 

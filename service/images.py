@@ -196,17 +196,18 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 def images_into(
-    output: vae_pb2.ImageOutput, probabilities: np.ndarray, image_format: ImageFormat, seed: int
+    output: vae_pb2.ImageOutput, decoded: np.ndarray, image_format: ImageFormat, seed: int
 ) -> None:
-    """Probabilities float32 [N, pixels] -> the images in the requested (validated) format,
-    written into `output`, a field of the reply being built (in place: no message copy)."""
-    images = probabilities.reshape(-1, *IMAGE_SHAPE)
+    """The decoder's probabilities float32 [N, pixels] (or, for uint8 and PNG, its uint8 images)
+    -> the images in the requested (validated) format, written into `output`, a field of the
+    reply being built (in place: no message copy)."""
+    images = decoded.reshape(-1, *IMAGE_SHAPE)
     output.format = image_format
+    if image_format in (vae_pb2.IMAGE_FORMAT_PNG, vae_pb2.IMAGE_FORMAT_UINT8):
+        images = images if images.dtype == np.uint8 else to_uint8(images)
     if image_format == vae_pb2.IMAGE_FORMAT_PNG:
-        output.png.extend(png_bytes(g) for g in to_uint8(images))
+        output.png.extend(png_bytes(g) for g in images)
         return
-    if image_format == vae_pb2.IMAGE_FORMAT_UINT8:
-        images = to_uint8(images)
-    elif image_format == vae_pb2.IMAGE_FORMAT_BINARY:
+    if image_format == vae_pb2.IMAGE_FORMAT_BINARY:
         images = bernoulli(images, seed)
     tensor_into(output.tensor, images)

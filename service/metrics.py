@@ -31,8 +31,9 @@ LATENCY_BUCKETS = (
     10.0,
 )
 NETWORKS = ("encoder", "decoder")
-# One batcher (queue) per network, and one more for Score's decoder runs, which need logits.
-QUEUES = (*NETWORKS, "decoder_logits")
+# One batcher (queue) per network, and one per other decoder output a run asks for: uint8
+# images (the uint8 and PNG formats) and logits (Score).
+QUEUES = (*NETWORKS, "decoder_images", "decoder_logits")
 # Rows (images or latents) per ONNX Runtime run: powers of two up to the largest batch.
 BATCH_ROWS_BUCKETS = tuple(float(2**k) for k in range(13))
 

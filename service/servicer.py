@@ -46,6 +46,10 @@ class Model(Protocol):
 
     async def decode(self, latents: np.ndarray, *, deadline: float | None = None) -> np.ndarray: ...
 
+    async def decode_uint8(
+        self, latents: np.ndarray, *, deadline: float | None = None
+    ) -> np.ndarray: ...
+
     async def decode_logits(
         self, latents: np.ndarray, *, deadline: float | None = None
     ) -> np.ndarray: ...
@@ -84,22 +88,27 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         self.metrics = metrics
         self.max_items = max_items
 
-    async def _images_into(
+    async def _decode_into(
         self,
         model: Model,
         output: vae_pb2.ImageOutput,
-        probabilities: np.ndarray,
+        latents: np.ndarray,
         image_format: codec.ImageFormat,
         seed: int,
+        deadline: float | None,
     ) -> None:
-        """Convert the images into `output`, a field of the reply (large conversions off the
-        event loop)."""
-        n = probabilities.shape[0]
+        """Decode the latents into `output`, a field of the reply, in the requested format:
+        uint8 and PNG from the decoder's uint8 images, the others from its probabilities
+        (large conversions off the event loop)."""
         png = image_format == vae_pb2.IMAGE_FORMAT_PNG
-        if n > (INLINE_PNG_IMAGES if png else INLINE_ROWS):
-            await model.offload(codec.images_into, output, probabilities, image_format, seed)
+        if png or image_format == vae_pb2.IMAGE_FORMAT_UINT8:
+            images = await model.decode_uint8(latents, deadline=deadline)
         else:
-            codec.images_into(output, probabilities, image_format, seed)
+            images = await model.decode(latents, deadline=deadline)
+        if images.shape[0] > (INLINE_PNG_IMAGES if png else INLINE_ROWS):
+            await model.offload(codec.images_into, output, images, image_format, seed)
+        else:
+            codec.images_into(output, images, image_format, seed)
 
     async def _images_in(self, model: Model, images: vae_pb2.ImageInput) -> np.ndarray:
         """The request's images as float32 [N, 784] (many or large PNGs are decoded off the event
@@ -140,9 +149,9 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
             )
             image_format = codec.format_in(request.format, "format")
             seed = _seed(request)
-            probabilities = await model.decode(latents, deadline=_deadline(context))
             response = vae_pb2.DecodeResponse(seed=seed)
-            await self._images_into(model, response.images, probabilities, image_format, seed)
+            deadline = _deadline(context)
+            await self._decode_into(model, response.images, latents, image_format, seed, deadline)
             self.metrics.images_generated.inc(latents.shape[0])
             return response
 
@@ -155,9 +164,9 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
             image_format = codec.format_in(request.format, "format")
             seed = _seed(request)
             latents = prior_latents(count, model.info.latent_size, seed, temperature)
-            probabilities = await model.decode(latents, deadline=_deadline(context))
             response = vae_pb2.SampleResponse(seed=seed)
-            await self._images_into(model, response.images, probabilities, image_format, seed)
+            deadline = _deadline(context)
+            await self._decode_into(model, response.images, latents, image_format, seed, deadline)
             if request.return_latents:
                 codec.tensor_into(response.latents, latents)
             self.metrics.images_generated.inc(count)
@@ -190,9 +199,8 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
                 self.metrics.images_encoded.inc(len(images))
             start, end = (next(means) if e.is_image else e.array for e in ends)
             latents = path(start, end, steps)
-            probabilities = await model.decode(latents, deadline=deadline)
             output = vae_pb2.ImageOutput()
-            await self._images_into(model, output, probabilities, image_format, seed)
+            await self._decode_into(model, output, latents, image_format, seed, deadline)
             self.metrics.images_generated.inc(steps)
             return vae_pb2.InterpolateResponse(
                 images=output,

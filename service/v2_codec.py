@@ -33,10 +33,10 @@ import numpy as np
 from service import codec
 from service.errors import InvalidArgument, ServiceError
 from service.images import HEIGHT, WIDTH, images_from_tensor
-from service.model.runtime import LATENT_LIMIT, ModelInfo
+from service.model.graphs import LATENT_LIMIT
+from service.model.runtime import ModelInfo
 from service.proto.inference.v2 import grpc_predict_v2_pb2 as pb
 from service.proto.vae.v1 import vae_pb2
-from service.sampling import to_uint8
 from service.settings import IMAGE_SHAPE, IMAGE_SIZE
 from service.tensors import MAX_DIMS
 
@@ -209,11 +209,10 @@ def requested_outputs(request: pb.ModelInferRequest, model: V2Model) -> list[Ten
 # numpy -> responses
 
 
-def decoder_outputs(probabilities: np.ndarray, wanted: Sequence[Tensor]) -> list[np.ndarray]:
-    """The decoder's outputs asked for, from its probabilities float32 [N, pixels]: the images as
-    vae.v1 Decode makes them (the same function, so the same bytes)."""
-    images = probabilities.reshape(-1, *IMAGE_SHAPE)
-    return [to_uint8(images) if t.name == "image" else images for t in wanted]
+def decoder_outputs(decoded: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The decoder's outputs asked for, each [N, pixels] (probabilities float32, image uint8 as
+    vae.v1 Decode makes them: the same run, so the same bytes), as [N, height, width]."""
+    return [array.reshape(-1, *IMAGE_SHAPE) for array in decoded]
 
 
 def encoder_outputs(

@@ -20,6 +20,7 @@ shared with vae.v1 (the same runs serve both protocols).
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import time
 from collections.abc import Awaitable, Callable
@@ -168,9 +169,18 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
             read = time.perf_counter_ns()
             produce: Callable[[], list[np.ndarray]]
             if v2_model.network == "decoder":
-                probabilities = await model.decode(array, deadline=deadline)
+                # Each output from the decoder run that makes it (uint8 images from the graph,
+                # as vae.v1's uint8 format: the same bytes), both at once when both are asked.
+                runs = {
+                    "probabilities": model.decode,
+                    "image": model.decode_uint8,
+                }
+                names = [t.name for t in wanted]
+                decoded = await asyncio.gather(
+                    *(runs[name](array, deadline=deadline) for name in names)
+                )
                 self.metrics.images_generated.inc(n)
-                produce = partial(v2_codec.decoder_outputs, probabilities, wanted)
+                produce = partial(v2_codec.decoder_outputs, decoded)
             else:
                 mean, log_variance = await model.encode(array, deadline=deadline)
                 self.metrics.images_encoded.inc(n)

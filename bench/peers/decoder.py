@@ -1,4 +1,5 @@
-"""The VAE decoder as the peers run it: one ONNX Runtime session, sigmoid and uint8 in numpy.
+"""The VAE decoder as the peers run it: one ONNX Runtime session; uint8 pixels from the graph's
+own `image` output where the version has one (as the service takes them), else in numpy.
 
 Shared by the PyTriton and MLServer peers (it imports nothing but numpy and onnxruntime), so
 both run exactly the same computation. The session is set up like the service's: CPU provider,
@@ -30,12 +31,14 @@ class Decoder:
             str(version_dir / "decoder.onnx"), options, providers=["CPUExecutionProvider"]
         )
         self.input_name = self.session.get_inputs()[0].name
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.logits_output, self.image_output = outputs[0], "image" if "image" in outputs else None
         self.latent_size = int(
             json.loads((version_dir / "manifest.json").read_text())["latent_size"]
         )
 
     def probabilities(self, latents: np.ndarray) -> np.ndarray:
-        logits: np.ndarray = self.session.run(None, {self.input_name: latents})[0]
+        logits: np.ndarray = self.session.run([self.logits_output], {self.input_name: latents})[0]
         # sigmoid in place: 1 / (1 + exp(-x))
         np.negative(logits, out=logits)
         np.exp(logits, out=logits)
@@ -44,6 +47,10 @@ class Decoder:
         return logits
 
     def pixels(self, latents: np.ndarray) -> np.ndarray:
+        if self.image_output is not None:
+            feed = {self.input_name: latents}
+            images: np.ndarray = self.session.run([self.image_output], feed)[0]
+            return images
         probabilities = self.probabilities(latents)
         probabilities *= 255.0
         probabilities += 0.5

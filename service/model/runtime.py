@@ -1,9 +1,10 @@
 """One verified model version on ONNX Runtime: loading (`Runtime.load` checks the files
-against the manifest, the graphs' signatures against what the service serves, and runs both
-networks once), warm-up, and the synchronous runs the batchers call on the inference threads
-(`encode_sync`, `decode_sync`, `decode_logits_sync`; ONNX Runtime releases the GIL, so the
-event loop keeps serving meanwhile). Sessions and providers are `sessions.py`'s; the batchers
-and the async calls in front of the runtime are `served.py`'s. No gRPC here.
+against the manifest, then `graphs.py` checks the graphs' signatures against what the service
+serves and runs both networks once), warm-up, and the synchronous runs the batchers call on the
+inference threads (`encode_sync`, `decode_sync`, `decode_uint8_sync`, `decode_logits_sync`; ONNX
+Runtime releases the GIL, so the event loop keeps serving meanwhile). Sessions and providers are
+`sessions.py`'s; the batchers and the async calls in front of the runtime are `served.py`'s. No
+gRPC here.
 """
 
 from __future__ import annotations
@@ -22,23 +23,22 @@ from export.manifest import (
     FP32,
     Manifest,
     ModelError,
-    NetworkFile,
     open_version,
 )
 from service.metrics import Metrics
+from service.model.graphs import (
+    SERVED_IMAGE_SHAPE,
+    check_signature,
+    probe,
+    wanted_tensors,
+)
 from service.model.sessions import CUDA, open_with_provider
-from service.sampling import sigmoid_
-from service.settings import IMAGE_SHAPE, Settings
+from service.sampling import sigmoid_, to_uint8
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 WARM_UP_BATCH_SIZES = (1, 64)
-# What the service serves: the codec reads and writes IMAGE_SHAPE images (a model for another
-# shape is refused at load), and latents within +-LATENT_LIMIT (the prior is N(0, I): beyond a
-# few units nothing is typical, and at float32's 3.4e38 the network overflows to NaN). A model
-# is refused unless its decoder stays finite at the corners of that box.
-SERVED_IMAGE_SHAPE = IMAGE_SHAPE
-LATENT_LIMIT = 1e4
 
 
 @dataclass(frozen=True)
@@ -55,61 +55,6 @@ class ModelInfo:
     @property
     def image_size(self) -> int:
         return int(np.prod(self.image_shape))
-
-
-def _check_signature(
-    session: ort.InferenceSession, net: NetworkFile, role: str, path: Path, widths: list[int]
-) -> None:
-    """The graph's own inputs and outputs against the manifest: the same names, float32, and
-    [batch, width] with `widths` the service's sizes (input first); a dimension the graph
-    leaves symbolic is checked by `_probe`'s run instead."""
-    inputs, outputs = session.get_inputs(), session.get_outputs()
-    names = [i.name for i in inputs], [o.name for o in outputs]
-    expected = [t.name for t in net.inputs], [t.name for t in net.outputs]
-    if names != expected:
-        raise ModelError(
-            f"{path}: the {role} graph has inputs {names[0]} and outputs {names[1]}, the manifest "
-            f"says {expected[0]} and {expected[1]}"
-        )
-    for arg, width in zip([*inputs, *outputs], widths, strict=True):
-        shape = list(arg.shape)
-        fits = len(shape) == 2 and (shape[1] == width or not isinstance(shape[1], int))
-        if arg.type != "tensor(float)" or not fits:
-            raise ModelError(
-                f"{path}: the {role} graph's {arg.name} is {arg.type} {shape}, this service "
-                f"needs tensor(float) [N, {width}]"
-            )
-
-
-def _probe(encoder: ort.InferenceSession, decoder: ort.InferenceSession, info: ModelInfo) -> None:
-    """A tiny warm-up: run both networks once on a batch of 2 and check what comes back: the
-    shapes and dtypes the service reads, and finite values for images in [0, 1] and latents at
-    +-LATENT_LIMIT (the largest a request may send). ModelError with a one-line reason
-    otherwise."""
-    latent, pixels = info.latent_size, info.image_size
-    images = np.stack([np.zeros(pixels, np.float32), np.ones(pixels, np.float32)])
-    latents = np.stack([np.full(latent, v, np.float32) for v in (LATENT_LIMIT, -LATENT_LIMIT)])
-    runs = [
-        ("encoder", encoder, images, [(2, latent), (2, latent)]),
-        ("decoder", decoder, latents, [(2, pixels)]),
-    ]
-    for role, session, feed, shapes in runs:
-        try:
-            outputs = session.run(None, {session.get_inputs()[0].name: feed})
-        except Exception as e:  # ONNX Runtime's own errors
-            raise ModelError(
-                f"warm-up failed: {role}: a run on a batch of 2: {' '.join(str(e).split())}"
-            ) from e
-        got = [(o.dtype.name, o.shape) for o in outputs]
-        if got != [("float32", shape) for shape in shapes]:
-            raise ModelError(
-                f"warm-up failed: {role}: a run on a batch of 2 returned {got}, this service needs "
-                f"{[('float32', shape) for shape in shapes]} (latent size {latent}, "
-                f"{pixels} pixels)"
-            )
-        if not all(np.isfinite(o).all() for o in outputs):
-            inputs = "images of 0 and 1" if role == "encoder" else f"latents of +-{LATENT_LIMIT:g}"
-            raise ModelError(f"warm-up failed: {role}: non-finite values for {inputs}")
 
 
 class Runtime:
@@ -143,7 +88,11 @@ class Runtime:
         )
         self._image_input = manifest.encoder.inputs[0].name
         self._encoder_outputs = [t.name for t in manifest.encoder.outputs]
+        decoder_outputs = [o.name for o in decoder.get_outputs()]
         self._latent_input = manifest.decoder.inputs[0].name
+        self._logits_output = decoder_outputs[:1]
+        # The graph's uint8 images where the version has them (`_wanted` checked the name).
+        self._image_output = decoder_outputs[1:2] or None
         # The histogram children, resolved once: `labels()` costs a lock and a dict per run.
         seconds = metrics.inference_seconds if metrics is not None else None
         self._encoder_seconds = seconds.labels("encoder") if seconds is not None else None
@@ -153,7 +102,7 @@ class Runtime:
     @classmethod
     def load(cls, directory: Path, settings: Settings, metrics: Metrics | None = None) -> Runtime:
         """Verify the files of one `<repo>/<name>/<version>` directory against its manifest,
-        open both sessions on the settings' provider and run them once (`_probe`).
+        open both sessions on the settings' provider and run them once (`graphs.probe`).
 
         Raises ModelError (missing, tampered or inconsistent model) or ProviderError.
         """
@@ -165,14 +114,13 @@ class Runtime:
                 f"serves {list(SERVED_IMAGE_SHAPE)}"
             )
         pixels, latent = int(np.prod(SERVED_IMAGE_SHAPE)), manifest.latent_size
-        widths = {"encoder": [pixels, latent, latent], "decoder": [latent, pixels]}
         sessions = {}
         for role, net in manifest.networks(settings.precision).items():
             path = directory / net.path
             session = open_with_provider(path, version.networks[role], settings)
             if role in version.malformed:  # ONNX Runtime took it; its tensors are unchecked
                 raise ModelError(version.malformed[role])
-            _check_signature(session, net, role, path, widths[role])
+            check_signature(session, net, role, path, wanted_tensors(role, net, pixels, latent))
             sessions[role] = session
         providers = sessions["decoder"].get_providers()
         if settings.provider == "auto" and CUDA not in providers:
@@ -202,7 +150,7 @@ class Runtime:
             precision=settings.precision,
         )
         try:
-            _probe(runtime.encoder, runtime.decoder, runtime.info)
+            probe(runtime.encoder, runtime.decoder, latent, pixels)
         except ModelError as e:
             runtime.close()
             raise ModelError(f"{directory}: {e}") from e
@@ -241,9 +189,21 @@ class Runtime:
     def decode_sync(self, latents: np.ndarray) -> np.ndarray:
         return sigmoid_(self.decode_logits_sync(latents))
 
+    def decode_uint8_sync(self, latents: np.ndarray) -> np.ndarray:
+        """uint8 [N, pixels], round(255 * probability): the graph's own image output, or numpy
+        for a version exported without it. The two agree but for a pixel a level apart here
+        and there (ONNX Runtime's sigmoid and numpy's differ in the last bit), so one version
+        answers a seed with the same bytes every time."""
+        if self._image_output is None:
+            return to_uint8(self.decode_sync(latents))
+        (images,) = self._timed_run(
+            self._decoder_seconds, self.decoder, self._image_output, {self._latent_input: latents}
+        )
+        return images  # type: ignore[no-any-return]
+
     def decode_logits_sync(self, latents: np.ndarray) -> np.ndarray:
         (logits,) = self._timed_run(
-            self._decoder_seconds, self.decoder, None, {self._latent_input: latents}
+            self._decoder_seconds, self.decoder, self._logits_output, {self._latent_input: latents}
         )
         return logits  # type: ignore[no-any-return]
 

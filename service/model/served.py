@@ -1,5 +1,6 @@
 """A served model version: one verified `Runtime` with one `Batcher` per network in front of
-it, and what a call awaits of it (`encode`, `decode`, `decode_logits`, `offload`). `open_model`
+it, and what a call awaits of it (`encode`, `decode`, `decode_uint8`, `decode_logits`,
+`offload`). `open_model`
 is the one place that builds it: the `ModelHolder` calls it at start and again for each new
 version of a hot reload.
 
@@ -53,10 +54,16 @@ class ServedModel:
         self.encoder = batcher("encoder", runtime.encode_sync)
         # The decoder's logits become probabilities in the worker, once per run (in place).
         self.decoder = batcher("decoder", lambda latents: (runtime.decode_sync(latents),))
+        # uint8 and PNG replies: the graph's own uint8 images, no per-pixel numpy (a queue of its
+        # own, since a run asks ONNX Runtime for one output).
+        self.decoder_images = batcher(
+            "decoder_images", lambda latents: (runtime.decode_uint8_sync(latents),)
+        )
         # Score needs the logits themselves: the same network behind a queue of its own.
         self.decoder_logits = batcher(
             "decoder_logits", lambda latents: (runtime.decode_logits_sync(latents),)
         )
+        self._batchers = (self.encoder, self.decoder, self.decoder_images, self.decoder_logits)
 
     async def encode(
         self, images: np.ndarray, *, deadline: float | None = None
@@ -70,6 +77,13 @@ class ServedModel:
         """latents float32 [N, latent] -> Bernoulli probabilities float32 [N, 784]."""
         (probabilities,) = await self.decoder.submit(latents, deadline)
         return probabilities
+
+    async def decode_uint8(
+        self, latents: np.ndarray, *, deadline: float | None = None
+    ) -> np.ndarray:
+        """latents float32 [N, latent] -> images uint8 [N, 784], round(255 * probability)."""
+        (images,) = await self.decoder_images.submit(latents, deadline)
+        return images
 
     async def decode_logits(
         self, latents: np.ndarray, *, deadline: float | None = None
@@ -91,14 +105,12 @@ class ServedModel:
     def retire(self) -> None:
         """A newer version went live: the calls still on this one stop waiting for fuller
         batches, since no new call will come to fill them."""
-        for batcher in (self.encoder, self.decoder, self.decoder_logits):
+        for batcher in self._batchers:
             batcher.flush()
 
     async def close(self) -> None:
         """Finish what is queued (new work gets UNAVAILABLE), then release the threads."""
-        await asyncio.gather(
-            self.encoder.close(), self.decoder.close(), self.decoder_logits.close()
-        )
+        await asyncio.gather(*(batcher.close() for batcher in self._batchers))
         self.runtime.close()
 
 

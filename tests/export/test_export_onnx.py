@@ -17,6 +17,7 @@ from export.checkpoint import model_from_checkpoint
 from export.manifest import ModelError, load_verified, resolve_version, sha256_of
 from export.model import VAE
 from export.onnx_export import PARITY_BATCH_SIZES, PARITY_TOLERANCE, export_version
+from service.sampling import sigmoid_, to_uint8
 from vae_data.mnist import Dataset
 
 
@@ -61,7 +62,11 @@ def test_export_writes_a_verified_version(exported: Path, model: VAE) -> None:
             ("mean", "float32", ["N", 4]),
             ("log_variance", "float32", ["N", 4]),
         ],
-        "decoder": [("latent", "float32", ["N", 4]), ("logits", "float32", ["N", 784])],
+        "decoder": [
+            ("latent", "float32", ["N", 4]),
+            ("logits", "float32", ["N", 784]),
+            ("image", "uint8", ["N", 784]),
+        ],
     }
     assert manifest.parity_check["batch_sizes"] == [1, 257] == list(PARITY_BATCH_SIZES)
     assert manifest.parity_check["tolerance"] == PARITY_TOLERANCE == 1e-4
@@ -82,7 +87,8 @@ def test_the_onnx_graphs_have_the_manifests_signature(exported: Path) -> None:
             (net.outputs, session.get_outputs()),
         ):
             assert [t.name for t in declared] == [a.name for a in actual], role
-            assert all(a.type == "tensor(float)" for a in actual), role
+            types = {"float32": "tensor(float)", "uint8": "tensor(uint8)"}
+            assert [a.type for a in actual] == [types[t.dtype] for t in declared], role
             # The batch axis is symbolic (dynamic); the width is fixed.
             assert [[d if isinstance(d, int) else "N" for d in a.shape] for a in actual] == [
                 t.shape for t in declared
@@ -104,6 +110,21 @@ def test_onnx_matches_pytorch_at_any_batch(exported: Path, model: VAE, batch: in
     np.testing.assert_allclose(mean, expected_mean.numpy(), atol=1e-4)
     np.testing.assert_allclose(log_variance, expected_log_variance.numpy(), atol=1e-4)
     np.testing.assert_allclose(logits, expected_logits.numpy(), atol=1e-4)
+
+
+def test_the_decoders_image_output_rounds_its_own_logits(exported: Path) -> None:
+    """The uint8 image output is round(255 * sigmoid(logits)) of the same run, as the service's
+    numpy would round it, but for a level here and there where the two sigmoids differ in the
+    last float bit; and it does not change the logits the parity check saw."""
+    latent = np.random.default_rng(3).standard_normal((4096, 4)).astype(np.float32)
+    decoder = ort.InferenceSession(exported / "decoder.onnx", providers=["CPUExecutionProvider"])
+    logits, image = decoder.run(["logits", "image"], {"latent": latent})
+    (alone,) = decoder.run(["logits"], {"latent": latent})
+    np.testing.assert_array_equal(logits, alone)
+    rounded = to_uint8(sigmoid_(logits.copy()))
+    assert image.dtype == np.uint8 and image.shape == (4096, 784)
+    difference = np.abs(image.astype(np.int16) - rounded)
+    assert difference.max() <= 1 and np.count_nonzero(difference) <= image.size // 10_000
 
 
 def test_next_export_is_the_next_version(exported: Path, model: VAE) -> None:

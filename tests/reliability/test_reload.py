@@ -92,6 +92,7 @@ def fails_at_warm_up(directory: Path, manifest: dict) -> None:
     path = directory / "decoder.onnx"
     path.write_bytes(model.SerializeToString())
     manifest["decoder"]["sha256"] = sha256_of(path)
+    manifest["decoder"]["outputs"] = manifest["decoder"]["outputs"][:1]  # logits alone
 
 
 def version_1_shown(served: Served) -> float:

@@ -28,6 +28,7 @@ from service_harness import Served, open_channel, running, tiny_settings
 
 from export.manifest import MANIFEST_FILE, sha256_of
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
+from vae_client.tensors import from_tensor
 
 LATENT = 4  # the tiny model's
 Damage = Callable[[Path, dict[str, Any]], None]
@@ -95,10 +96,16 @@ def network(
 
 
 def replace(directory: Path, manifest: dict[str, Any], role: str, graph: bytes) -> None:
-    """The `role` network's file replaced by `graph`, the manifest vouching for it."""
+    """The `role` network's file replaced by `graph`, the manifest vouching for it (its outputs
+    those the graph has: a decoder without the uint8 image output is what older exports
+    wrote)."""
+    import onnx
+
     path = directory / manifest[role]["path"]
     path.write_bytes(graph)
     manifest[role]["sha256"] = sha256_of(path)
+    names = [output.name for output in onnx.load_from_string(graph).graph.output]
+    manifest[role]["outputs"] = [t for t in manifest[role]["outputs"] if t["name"] in names]
 
 
 def model_info(served: Served) -> vae_pb2.ModelInfo:
@@ -257,6 +264,18 @@ def model_of_32x32(directory: Path, manifest: dict[str, Any]) -> None:
     manifest["decoder"]["outputs"][0]["shape"] = ["N", 1024]
 
 
+def decoder_with_another_image(directory: Path, manifest: dict[str, Any]) -> None:
+    """The decoder's `image` output, uint8 of the right shape, but not its logits rounded."""
+    import onnx
+    from onnx import TensorProto
+
+    model = onnx.load(directory / "decoder.onnx")
+    cast = next(node for node in model.graph.node if node.output[0] == "image")
+    cast.input[0] = "image_probabilities"  # p itself cast: all 0 (and 1 at p = 1)
+    assert cast.op_type == "Cast" and cast.attribute[0].i == TensorProto.UINT8
+    replace(directory, manifest, "decoder", model.SerializeToString())
+
+
 def encoder_of_8_latents(directory: Path, manifest: dict[str, Any]) -> None:
     replace(directory, manifest, "encoder", network("image", 784, ["mean", "log_variance"], 8))
 
@@ -282,6 +301,11 @@ def decoder_overflowing_at_the_latent_limit(directory: Path, manifest: dict[str,
         ),
         (model_of_32x32, "the model is for [32, 32] images, this service serves [28, 28]"),
         (
+            decoder_with_another_image,
+            "warm-up failed: decoder: its 'image' output is not round(255 * sigmoid(logits)) "
+            "as uint8",
+        ),
+        (
             encoder_of_8_latents,
             "encoder.onnx: the encoder graph's mean is tensor(float) ['N', 8], this service "
             "needs tensor(float) [N, 4]",
@@ -291,7 +315,14 @@ def decoder_overflowing_at_the_latent_limit(directory: Path, manifest: dict[str,
             "warm-up failed: decoder: non-finite values for latents of +-10000",
         ),
     ],
-    ids=["decoder-100", "decoder-one-row", "32x32", "encoder-8-latents", "overflows"],
+    ids=[
+        "decoder-100",
+        "decoder-one-row",
+        "32x32",
+        "another-image",
+        "encoder-8-latents",
+        "overflows",
+    ],
 )
 def test_networks_that_do_not_fit_the_service_are_refused_at_reload(
     repo: Path,
@@ -302,6 +333,32 @@ def test_networks_that_do_not_fit_the_service_are_refused_at_reload(
 ) -> None:
     stage(repo, "2", damage)
     assert_rejected_and_version_1_serves(served, caplog, reason)
+
+
+def test_a_version_without_the_image_output_serves_uint8_rounded_in_numpy(
+    repo: Path, served: Served
+) -> None:
+    """Versions exported before the decoder had its uint8 output still serve every format: the
+    server rounds the probabilities itself, to the same images but for a level here and
+    there."""
+    import onnx
+
+    def without_image(directory: Path, manifest: dict[str, Any]) -> None:
+        model = onnx.load(directory / "decoder.onnx")
+        del model.graph.output[1]  # ONNX Runtime prunes the nodes no output needs
+        replace(directory, manifest, "decoder", model.SerializeToString())
+
+    request = vae_pb2.SampleRequest(count=64, seed=5, format=vae_pb2.IMAGE_FORMAT_UINT8)
+    with open_channel(served.target) as channel:
+        stub = vae_pb2_grpc.VaeServiceStub(channel)
+        graph = from_tensor(stub.Sample(request, timeout=30).images.tensor)
+        stage(repo, "2", without_image)
+        wait_until(lambda: model_info(served).version == 2, "version 2 to go live")
+        numpy = from_tensor(stub.Sample(request, timeout=30).images.tensor)
+    assert graph.dtype == numpy.dtype == np.uint8 and graph.shape == numpy.shape == (64, 28, 28)
+    difference = np.abs(graph.astype(np.int16) - numpy)
+    assert difference.max() <= 1 and np.count_nonzero(difference) <= 2
+    assert failures(served) == 0
 
 
 # Item 10: version names, the manifest's name, external data, an empty repository

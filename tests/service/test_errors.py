@@ -169,6 +169,11 @@ class BrokenModel:
     async def decode(self, latents: np.ndarray, *, deadline: float | None = None) -> np.ndarray:
         raise RuntimeError("secret: /srv/models/decoder.onnx exploded")
 
+    async def decode_uint8(
+        self, latents: np.ndarray, *, deadline: float | None = None
+    ) -> np.ndarray:
+        raise RuntimeError("secret: /srv/models/decoder.onnx exploded")
+
     async def decode_logits(
         self, latents: np.ndarray, *, deadline: float | None = None
     ) -> np.ndarray:

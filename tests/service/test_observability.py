@@ -90,6 +90,10 @@ def test_metrics_move_by_exactly_the_calls_made(
     assert delta("vae_images_generated_total") == 3 * 5 + 2 * 4
     assert delta("vae_images_encoded_total") == 6
     assert delta("vae_inference_seconds_count", network="decoder") == 3 + 2
+    # uint8 replies come from the graph's own image output (their queue), probabilities from
+    # the logits (the decoder queue): one run each, the calls being one at a time.
+    assert delta("vae_batch_runs_total", queue="decoder_images") == 3
+    assert delta("vae_batch_runs_total", queue="decoder") == 2
     assert delta("vae_inference_seconds_count", network="encoder") == 1
     assert delta("vae_inference_seconds_sum", network="decoder") > 0
     assert after[("vae_requests_in_flight", ())] == 0

@@ -65,10 +65,13 @@ def test_sample_tensor_formats(stub: Stub, image_format: int) -> None:
 
 
 def test_formats_agree(stub: Stub) -> None:
-    """uint8 = round(255 p); PNG = the uint8 image; binary pixels are Bernoulli(p) draws."""
+    """uint8 = round(255 p) (made in the decoder's graph: a level apart where ONNX Runtime's
+    sigmoid and numpy's differ in the last bit, rare); PNG = the uint8 image; binary pixels
+    are Bernoulli(p) draws."""
     p = from_tensor(sample(stub, count=3, seed=11, format=P).images.tensor)
     grey = from_tensor(sample(stub, count=3, seed=11, format=U8).images.tensor)
-    np.testing.assert_array_equal(grey, np.floor(p.astype(np.float64) * 255 + 0.5))
+    difference = np.abs(grey - np.floor(p.astype(np.float64) * 255 + 0.5))
+    assert grey.dtype == np.uint8 and difference.max() <= 1 and np.count_nonzero(difference) <= 1
     pngs = sample(stub, count=3, seed=11, format=PNG).images
     assert pngs.format == PNG and len(pngs.png) == 3
     for data, expected in zip(pngs.png, grey, strict=True):

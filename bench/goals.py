@@ -86,11 +86,24 @@ def best(results: dict[str, Any], count: int, image_format: str) -> dict[str, An
     return max(candidates, key=lambda p: p["images_per_s"], default=None)
 
 
-def limit_rate(results: dict[str, Any], batch: int, kind: str = "onnxruntime") -> float | None:
-    for p in results.get("limit", {}).get(kind, {}).get("points", []):
+def limit_rate(
+    results: dict[str, Any], batch: int, kind: str = "onnxruntime", limit: str = ""
+) -> float | None:
+    """The in-process images/s at `batch`; `limit`: another precision's (e.g. `limit_int8`)."""
+    for p in results.get(limit or "limit", {}).get(kind, {}).get("points", []):
         if p["batch"] == batch:
             return float(p["images_per_s"])
     return None
+
+
+def precision_served(results: dict[str, Any], server: str, count: int) -> dict[str, Any] | None:
+    """`server`'s Sample(count, uint8) point of the precision section with the most images/s."""
+    candidates = [
+        p
+        for p in results.get("points", [])
+        if p.get("section") == "precision" and p["server"] == server and p["count"] == count
+    ]
+    return max(candidates, key=lambda p: p["images_per_s"], default=None)
 
 
 def p99(p: dict[str, Any] | None) -> float:
@@ -133,7 +146,41 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
         )
     )
     out += batching_goals(results)
+    out += precision_goals(results)
     out += peer_goals(results)
+    return out
+
+
+def precision_goals(results: dict[str, Any], variant: str = "int8") -> list[dict[str, Any]]:
+    """Issue 14: the int8 variant served against the fp32 decoder in process, and its memory."""
+    server = results.get("servers", {}).get(variant)
+    if server is None:
+        return []
+    out = []
+    for count, target in ((1024, 1.2), (64, 0.8)):
+        ours, limit = precision_served(results, variant, count), limit_rate(results, count)
+        ratio = ours["images_per_s"] / limit if ours and limit else None
+        out.append(
+            _goal(
+                f"Sample({count}, uint8), {variant} served / fp32 in-process ONNX Runtime "
+                f"(batch {count})",
+                ratio,
+                target,
+                ratio is not None and ratio >= target,
+                f"{number(figure(ours, 'images_per_s'))} images/s at concurrency "
+                f"{figure(ours, 'concurrency') or '-'} vs {number(limit)} in process",
+            )
+        )
+    rss = server.get("rss_mb_end")
+    out.append(
+        _goal(
+            f"RSS of the {variant} server at the end of the run, MB (at most)",
+            rss,
+            150,
+            rss is not None and rss <= 150,
+            "after every precision point, Sample(1024) included",
+        )
+    )
     return out
 
 

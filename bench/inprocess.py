@@ -93,8 +93,9 @@ def version_settings(version_dir: Path, **overrides: Any) -> Settings:
     )
 
 
-def open_runtime(version_dir: Path) -> Runtime:
-    return Runtime.load(version_dir, version_settings(version_dir, inference_workers=1))
+def open_runtime(version_dir: Path, precision: str = "fp32") -> Runtime:
+    settings = version_settings(version_dir, inference_workers=1, precision=precision)
+    return Runtime.load(version_dir, settings)
 
 
 def onnxruntime_cases(runtime: Runtime, sizes: list[int]) -> list[Case]:
@@ -201,10 +202,16 @@ def torch_cases(version_dir: Path, runtime: Runtime, sizes: list[int]) -> tuple[
 
 
 def run(
-    version_dir: Path, sizes: list[int], duration: float, torch: bool, *, only_ort: bool = False
+    version_dir: Path,
+    sizes: list[int],
+    duration: float,
+    torch: bool,
+    *,
+    only_ort: bool = False,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Every kind (`only_ort`: ONNX Runtime alone) at every batch size."""
-    runtime = open_runtime(version_dir)
+    runtime = open_runtime(version_dir, precision)
     cases = onnxruntime_cases(runtime, sizes)
     if only_ort:
         points = measure(cases, duration)
@@ -247,7 +254,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch eager")
     parser.add_argument("--only-onnxruntime", action="store_true", help="the session alone")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--precision", default="fp32", help="a variant the manifest lists (--only-onnxruntime)"
+    )
     args = parser.parse_args(argv)
+    if args.precision != "fp32" and not args.only_onnxruntime:
+        parser.error("--precision other than fp32 measures ONNX Runtime alone: --only-onnxruntime")
     sizes = [int(s) for s in args.sizes.split(",")]
     result = run(
         args.version_dir,
@@ -255,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
         args.duration,
         torch=not args.no_torch,
         only_ort=args.only_onnxruntime,
+        precision=args.precision,
     )
     if args.json:
         print(json.dumps(result))

@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from bench import precisions
 from bench.goals import (
     batching_pairs,
     figure,
@@ -224,9 +225,13 @@ def markdown(results: dict[str, Any], committed_peers: dict[str, Any] | None = N
         else peers.get("missing", "")
     )
     server_args = " ".join(["vae-serve", *results.get("server_args", [])])
+    chip = m.get("cpu")
+    cpus = f"{m['cpus']} CPUs" + (
+        f" ({chip['model_name']}; {' '.join(chip['avx_flags'])})" if chip else ""
+    )
     parts = [
         f"Run of {results['generated_at']} (commit {results['git_commit']}), "
-        f"{m['cpus']} CPUs, servers on cpus {results['server_cpus']}, load generator on cpus "
+        f"{cpus}, servers on cpus {results['server_cpus']}, load generator on cpus "
         f"{results['client_cpus']}; {results['duration_s']:g} s measured a point after "
         f"{results['warmup_s']:g} s of warm-up; {results['total_s']:.0f} s in all. Load average "
         f"{m['loadavg_at_start'][0]:.1f} at the start, {m['loadavg_at_end'][0]:.1f} at the end "
@@ -236,7 +241,7 @@ def markdown(results: dict[str, Any], committed_peers: dict[str, Any] | None = N
         f"**The limit**, images/s in process on cpus {results['server_cpus']} (best of "
         f"{results['limit'].get('rounds', 1)} interleaved bursts; ONNX Runtime: the best of a "
         "pass before the servers and one after). ONNX Runtime: the decoder session alone; "
-        "Sample pipeline: prior draw, decoder, sigmoid, uint8; servicer: "
+        "Sample pipeline: prior draw, decoder to uint8 images; servicer: "
         "`VaeServicer.Sample` awaited directly (batcher, executor, metrics), no gRPC:\n\n"
         + limit_table(results),
         f"**The service** (`{server_args}`, batching on) "
@@ -244,6 +249,11 @@ def markdown(results: dict[str, Any], committed_peers: dict[str, Any] | None = N
         "over the floor's):\n\n" + service_table(results),
         "**Batching** on against `--no-batching`, measured back to back:\n\n"
         + batching_table(results),
+        "**Precision**: `vae-serve --precision int8` beside the fp32 service, Sample(uint8) at 8 "
+        "and 32 in flight, back to back, twice (the best point shown); in process: the decoder "
+        "session alone at each precision (best of a pass before the servers and one after); "
+        "the last column divides served images/s by fp32's in-process figure:\n\n"
+        + precisions.table(results),
         "**Peers**, uint8 outputs: " + peers_line + "\n\n" + peers_table(results),
         f"**Memory and start-up**: `vae-serve` RSS {number(rss['idle'])} MB idle after start-up, "
         f"{number(rss['first'])} MB after its first point, peak {number(rss['peak'])} MB, "

@@ -12,7 +12,9 @@ the load generator (this process: `vae_client.loadtest`, the code of `vae-loadte
    message sizes, no inference) at the same load points, one right after the other: Sample at
    count 1, 64, 1024 (uint8 and float32) at concurrency 1, 8, 32, 64; Decode and Encode of 64.
 3. Batching on against a second `vae-serve --no-batching`, point by point.
-4. The peers: `bench/results/peers.json` from `make bench-peers`, quoted with its date.
+4. Precision: `vae-serve --precision int8` against the fp32 service, point by point, and the
+   int8 decoder in process (`bench.precisions`).
+5. The peers: `bench/results/peers.json` from `make bench-peers`, quoted with its date.
 
 Per point: requests/s, images/s, p50/p99 latency (HDR), errors, the server's CPU over the
 measured window, rows per ONNX Runtime run from the server's own metrics
@@ -28,8 +30,6 @@ import asyncio
 import json
 import os
 import platform
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -41,8 +41,9 @@ from typing import Any
 
 import uvloop
 
-from bench import goals, report
-from bench.machine import git_commit
+from bench import goals, precisions, report
+from bench.limits import keep_best, limit
+from bench.machine import cpu, git_commit
 from bench.placement import model_flags, pin_self
 from bench.scrape import Samples, total
 from bench.servers import ServerProcess
@@ -144,27 +145,13 @@ def batch_figures(before: Samples, after: Samples) -> dict[str, Any]:
 # -- the run ------------------------------------------------------------------------------------
 
 
-def limit(args: argparse.Namespace, env: dict[str, str], *flags: str) -> dict[str, Any]:
-    """bench.inprocess pinned to the server's cores, as a child (its own, quiet, process)."""
-    command = [
-        "taskset", "-c", args.server_cpus, sys.executable, "-m", "bench.inprocess",
-        str(args.version_dir), "--duration", str(args.duration), "--json", *flags,
-    ]  # fmt: skip
-    print(f"in process on cpus {args.server_cpus} ...", flush=True)
-    run = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-    if run.returncode != 0:
-        raise RuntimeError(f"bench.inprocess failed: {run.stderr[-2000:]}")
-    result: dict[str, Any] = json.loads(run.stdout)
-    for kind in ("onnxruntime", "pipeline", "servicer", "torch"):
-        for p in result.get(kind, {}).get("points", []):
-            print(f"  {kind:12} batch {p['batch']:5}: {p['images_per_s']:12,.0f} images/s")
-    return result
-
-
 @contextmanager
-def servers(args: argparse.Namespace, env: dict[str, str], logs: Path) -> Iterator[dict]:
-    """The three servers, started one after the other (start-up timed alone), all pinned to
-    the server's cores; an idle one costs nothing while another is measured."""
+def servers(
+    args: argparse.Namespace, env: dict[str, str], logs: Path, variant: bool
+) -> Iterator[dict]:
+    """The servers (`variant`: and the int8 one), started one after the other (start-up timed
+    alone), all pinned to the server's cores; an idle one costs nothing while another is
+    measured."""
     model = [*model_flags(args.version_dir), *SERVER_ARGS]
     with ExitStack() as stack:
         started: dict[str, ServerProcess] = {}
@@ -189,6 +176,11 @@ def servers(args: argparse.Namespace, env: dict[str, str], logs: Path) -> Iterat
                 [*model, "--no-batching"],
             )
         )
+        if variant:
+            precision = ["--precision", precisions.PRECISION]
+            log = logs / f"{precisions.PRECISION}.log"
+            name = precisions.PRECISION
+            keep(ServerProcess.start_vae_serve(name, args.server_cpus, log, env, model + precision))
         yield started
 
 
@@ -200,6 +192,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {
             "cpus": os.cpu_count(),
+            "cpu": cpu(),  # the model and its AVX/AMX flags: the figures depend on them
             "platform": platform.platform(),
             "loadavg_at_start": os.getloadavg(),
         },
@@ -214,7 +207,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     began = time.monotonic()
     results["limit"] = limit(args, env)
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp, servers(args, env, Path(tmp)) as s:
+    variant = precisions.available(manifest)
+    if variant:
+        results[precisions.LIMIT] = limit(args, env, *precisions.LIMIT_FLAGS)
+    else:
+        results["precision_skipped"] = f"{args.version_dir} has no {precisions.PRECISION} variant"
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-") as tmp,
+        servers(args, env, Path(tmp), variant) as s,
+    ):
         noop, service, off = s["noop"], s["service"], s["batching_off"]
         idle = service.rss_mb()
         latent = int(manifest["latent_size"])
@@ -229,6 +230,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     measured = run_point(server, Load(*point), args, latent)
                     measured.update(section="batching", repeat=repeat)
                     points.append(measured)
+        if variant:
+            points += precisions.measure(
+                lambda server, load: run_point(server, Load(*load), args, latent),
+                service,
+                s[precisions.PRECISION],
+            )
         results["points"] = points
         rss_during = list(service.rss_samples_mb)  # the batching points repeat earlier loads
         results["servers"] = {
@@ -242,19 +249,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["servers"]["service"]["rss_mb"] = rss_summary(idle, first, rss_during)
     # The limit again, ONNX Runtime alone: a shared machine may have been busy the first time.
     keep_best(results["limit"]["onnxruntime"], limit(args, env, "--only-onnxruntime"))
+    if variant:
+        again = limit(args, env, *precisions.LIMIT_FLAGS)
+        keep_best(results[precisions.LIMIT]["onnxruntime"], again)
     results["machine"]["loadavg_at_end"] = os.getloadavg()
     results["total_s"] = round(time.monotonic() - began, 1)
     results["peers"] = goals.load_peers(args.peers)
     results["goals"] = goals.goals(results)
     return results
-
-
-def keep_best(first: dict[str, Any], again: dict[str, Any]) -> None:
-    """Each batch size's best of the two in-process passes (both kept, as `passes`)."""
-    for p, q in zip(first["points"], again["onnxruntime"]["points"], strict=True):
-        p["passes"] = [p["images_per_s"], q["images_per_s"]]
-        if q["images_per_s"] > p["images_per_s"]:
-            p.update(images_per_s=q["images_per_s"], us_per_call=q["us_per_call"])
 
 
 def rss_summary(idle: float, first: float, samples: list[float]) -> dict[str, float]:

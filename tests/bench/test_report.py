@@ -160,3 +160,47 @@ def test_the_readme_block_is_replaced_and_nothing_else() -> None:
     )
     with pytest.raises(SystemExit):
         report.replace_block("no markers", "new\n")
+
+
+def _with_int8(results: dict, *, rss: float = 120.0) -> dict:
+    """The precision section: fp32 and int8 servers at the same points, int8 in process."""
+    results["points"] += [
+        _point("service", "sample", 64, "uint8", 8, 1200.0, section="precision", repeat=0),
+        _point("int8", "sample", 64, "uint8", 8, 1500.0, section="precision", repeat=0),
+        _point("int8", "sample", 64, "uint8", 8, 1000.0, section="precision", repeat=1),
+        _point("int8", "sample", 1024, "uint8", 8, 130.0, section="precision", repeat=0),
+    ]
+    results["limit_int8"] = {
+        "onnxruntime": {
+            "points": [
+                {"batch": 64, "images_per_s": 200_000.0},
+                {"batch": 1024, "images_per_s": 210_000.0},
+            ]
+        }
+    }
+    results["servers"]["int8"] = {"startup_s": 1.5, "rss_mb_end": rss}
+    return results
+
+
+def test_precision_goals_divide_the_variant_served_by_fp32_in_process() -> None:
+    by_goal = _by_goal(_with_int8(_results()))
+    at1024 = by_goal["Sample(1024, uint8), int8 served"]
+    assert at1024["measured"] == pytest.approx(130 * 1024 / 100_000) and at1024["met"]  # 1.33
+    at64 = by_goal["Sample(64, uint8), int8 served"]  # the best repeat: 96,000 images/s
+    assert at64["measured"] == pytest.approx(0.96) and at64["met"]
+    assert by_goal["RSS of the int8 server at the end of the run, MB"]["met"]
+    assert not _by_goal(_with_int8(_results(), rss=151.0))[
+        "RSS of the int8 server at the end of the run, MB"
+    ]["met"]
+    assert not any("int8 serve" in g["goal"] for g in goals.goals(_results()))  # no variant
+
+
+def test_the_precision_table_shows_each_precision_against_fp32_in_process() -> None:
+    results = _with_int8(_results())
+    results["goals"] = goals.goals(results)
+    text = report.markdown(results)
+    assert "**Precision**" in text
+    row = "| int8 | `int8` | 200,000 | 96,000 (x8) | 2.00 | 0.96 | 210,000 | 133,120 (x8) |"
+    assert row in text
+    results.update(precision_skipped="models/x/1 has no int8 variant")
+    assert "models/x/1 has no int8 variant" in report.markdown(results)

@@ -18,17 +18,22 @@ import onnxruntime as ort
 IMAGE_SIZE = 784
 
 
+def network_file(precision: str) -> str:
+    """The decoder file of a precision: `decoder.onnx` (fp32) or a variant, `decoder.int8.onnx`."""
+    return "decoder.onnx" if precision == "fp32" else f"decoder.{precision}.onnx"
+
+
 class Decoder:
     """latents [N, L] float32 -> probabilities [N, 784] float32, or pixels [N, 784] uint8."""
 
-    def __init__(self, version_dir: Path, threads: int = 1) -> None:
+    def __init__(self, version_dir: Path, threads: int = 1, precision: str = "fp32") -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
-            str(version_dir / "decoder.onnx"), options, providers=["CPUExecutionProvider"]
+            str(version_dir / network_file(precision)), options, providers=["CPUExecutionProvider"]
         )
         self.input_name = self.session.get_inputs()[0].name
         outputs = [o.name for o in self.session.get_outputs()]

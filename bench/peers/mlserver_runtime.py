@@ -41,7 +41,8 @@ class DecoderRuntime(MLModel):
     async def load(self) -> bool:
         params = self.settings.parameters
         assert params is not None and params.uri is not None and params.extra is not None
-        self.decoder = Decoder(Path(params.uri), threads=int(params.extra.get("threads", 1)))
+        threads, precision = int(params.extra.get("threads", 1)), params.extra.get("precision")
+        self.decoder = Decoder(Path(params.uri), threads=threads, precision=precision or "fp32")
         self.decode_fn = (
             self.decoder.pixels
             if params.extra.get("output") == "uint8"
@@ -69,6 +70,7 @@ def write_settings(
     max_batch_size: int,
     max_batch_time: float,
     threads: int,
+    precision: str = "fp32",
 ) -> None:
     """settings.json (the server) and <model>/model-settings.json (each model) in `folder`."""
     server = {
@@ -90,7 +92,7 @@ def write_settings(
             "max_batch_time": max_batch_time,
             "parameters": {
                 "uri": str(version_dir.resolve()),
-                "extra": {"output": output, "threads": threads},
+                "extra": {"output": output, "threads": threads, "precision": precision},
             },
         }
         (folder / name).mkdir()
@@ -106,6 +108,7 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=1024)
     parser.add_argument("--max-batch-time", type=float, default=0.0005, help="seconds")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--precision", default="fp32", help="fp32, or a variant: int8")
     parser.add_argument(
         "--settings-dir",
         type=Path,
@@ -123,6 +126,7 @@ def main() -> None:
         args.max_batch_size,
         args.max_batch_time,
         args.threads,
+        args.precision,
     )
     # MLServer imports `mlserver_runtime.DecoderRuntime`: put this folder on its import path.
     here = str(Path(__file__).resolve().parent)

@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=1024)
     parser.add_argument("--max-queue-delay-us", type=int, default=500)
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--precision", default="fp32", help="fp32, or a variant: int8")
     parser.add_argument(
         "--workdir",
         type=Path,
@@ -84,7 +85,7 @@ def main() -> None:
     ensure_python_libs_on_path()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
-    decoder = Decoder(args.version_dir, threads=args.threads)
+    decoder = Decoder(args.version_dir, threads=args.threads, precision=args.precision)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="pytriton-"))
     repository = workdir / "model-repository"
     repository.mkdir(parents=True)  # Triton wants it to exist beforehand

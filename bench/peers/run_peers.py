@@ -36,6 +36,7 @@ ROOT = HERE.parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make the checkout importable
     sys.path.insert(0, str(ROOT))
 
+from decoder import network_file  # noqa: E402
 from v2_client import GRPCInferenceServiceStub, channel, wait_ready  # noqa: E402
 
 from bench.placement import port_free  # noqa: E402
@@ -83,7 +84,9 @@ PEERS = {
 
 
 @contextmanager
-def server(peer: Peer, version_dir: Path, cpus: str, workdir: Path, log: Path) -> Iterator[int]:
+def server(
+    peer: Peer, version_dir: Path, cpus: str, workdir: Path, log: Path, precision: str = "fp32"
+) -> Iterator[int]:
     """Start `peer` pinned to `cpus` in its own process group; yield its pid; stop it (SIGTERM,
     then SIGKILL to the group after STOP_TIMEOUT_S), however the block ends."""
     if not port_free(peer.port):
@@ -96,6 +99,7 @@ def server(peer: Peer, version_dir: Path, cpus: str, workdir: Path, log: Path) -
         str(peer.python), str(HERE / peer.script), str(version_dir),
         "--grpc-port", str(peer.port), "--http-port", str(peer.port - 1),
         "--metrics-port", str(peer.port + 1), folder_flag, str(folder), *peer.args,
+        "--precision", precision,
     ]  # fmt: skip
     proc = spawn_group(command, cpus, log)
     try:
@@ -194,7 +198,7 @@ def run_peer(peer: Peer, args: argparse.Namespace, workdir: Path, log: Path) -> 
         "server_args": list(peer.args),
     }
     started = time.monotonic()
-    with server(peer, args.version_dir, args.server_cpus, workdir, log) as pid:
+    with server(peer, args.version_dir, args.server_cpus, workdir, log, args.precision) as pid:
         result["startup_s"] = round(asyncio.run(ready(pid, peer.port)), 2)
         result["rss_mb_idle"] = round(rss_mb(pid), 1)
         result["points"] = []
@@ -241,9 +245,10 @@ def main() -> None:
     parser.add_argument("--perf-analyzer", action="store_true", help="cross-check Triton with it")
     parser.add_argument("--out", type=Path, default=HERE.parent / "results" / "peers.json")
     parser.add_argument("--logs", type=Path, help="keep the servers' logs in this folder")
+    parser.add_argument("--precision", default="fp32", help="the decoder file: fp32 or int8")
     args = parser.parse_args()
-    if not (args.version_dir / "decoder.onnx").is_file():
-        parser.error(f"{args.version_dir} has no decoder.onnx")
+    if not (args.version_dir / network_file(args.precision)).is_file():
+        parser.error(f"{args.version_dir} has no {network_file(args.precision)}")
     # Stopped by SIGTERM (make killed, a CI timeout): unwind, so every server started is stopped.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
@@ -256,10 +261,13 @@ def main() -> None:
         "duration_s": args.duration,
         "warmup_s": args.warmup,
         "output": "UINT8 [count, 784] (as our Sample(count, format=uint8))",
+        "precision": args.precision,
         "env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         "notes": [
-            "Both peers run the same decoder.onnx in ONNX Runtime (onnxruntime-gpu 1.31.1, CPU "
-            "provider, 1 intra-op thread, spinning off), sigmoid and uint8 in numpy (decoder.py).",
+            f"Both peers run the same {network_file(args.precision)} in ONNX Runtime "
+            "(onnxruntime-gpu 1.31.1, CPU provider, 1 intra-op thread, spinning off), the uint8 "
+            "images from the graph's own image output where it has one, as the service "
+            "(decoder.py).",
             "The client draws the latents and sends them (KServe V2 ModelInfer, raw tensor "
             "bytes): the peers have no sample call. This favours the peers slightly (no random "
             "draw on the server, for 128 bytes more to receive per image).",

@@ -409,3 +409,44 @@ def test_the_precision_prose_quotes_bench_json(prose: str, bench: dict[str, Any]
         f"reaches {goal['Sample(1024']['measured']:.2f} of the fp32 session (issue 14's goal",
         f"With int8 it is {goal['Sample(64']['measured']:.2f} of the fp32 session",
     )
+
+
+def test_the_int8_peers_table_is_its_runs(prose: str) -> None:
+    """The peers on the int8 graph against our int8 service measured right after them."""
+    peers = load("peers_int8.json")
+    assert peers["precision"] == "int8"
+
+    def theirs(name: str, count: int, concurrency: int) -> dict[str, Any]:
+        return next(
+            p
+            for p in peers["peers"][name]["points"]
+            if (p["count"], p["concurrency"]) == (count, concurrency)
+        )
+
+    def ours(count: int, concurrency: int) -> tuple[float, float]:
+        runs = [
+            p
+            for p in load(f"peers_int8_ours_count{count}.json")["points"]
+            if p["server"] == "int8" and p["concurrency"] == concurrency
+        ]
+        key = "images_per_s" if count > 1 else "requests_per_s"
+        rates = sorted(p[key] for p in runs)
+        p99s = sorted(p["latency_ms"]["p99"] for p in runs)
+        return sum(rates) / len(rates), sum(p99s) / len(p99s)  # the median of 2 rounds
+
+    for count, concurrency in ((64, 8), (64, 32), (1, 32)):
+        rate, p99 = ours(count, concurrency)
+        triton, mlserver = (
+            theirs("triton", count, concurrency),
+            theirs("mlserver", count, concurrency),
+        )
+        key = "images_per_s" if count > 1 else "requests_per_s"
+        unit = "images/s" if count > 1 else "requests/s"
+        quoted(
+            prose,
+            f"| Sample({count}) x{concurrency} | {rate:,.0f} {unit}, p99 {p99:.1f} ms | "
+            f"{triton[key]:,.0f}, p99 {triton['latency_ms']['p99']:.1f} ms | "
+            f"{rate / triton[key]:.2f}x | {mlserver[key]:,.0f}, p99 "
+            f"{mlserver['latency_ms']['p99']:.1f} ms | {rate / mlserver[key]:.2f}x |",
+        )
+        assert p99 < triton["latency_ms"]["p99"] and p99 < mlserver["latency_ms"]["p99"]

@@ -171,14 +171,10 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
             if v2_model.network == "decoder":
                 # Each output from the decoder run that makes it (uint8 images from the graph,
                 # as vae.v1's uint8 format: the same bytes), both at once when both are asked.
-                runs = {
-                    "probabilities": model.decode,
-                    "image": model.decode_uint8,
-                }
-                names = [t.name for t in wanted]
-                decoded = await asyncio.gather(
-                    *(runs[name](array, deadline=deadline) for name in names)
-                )
+                # One output (the usual request) is awaited directly: no task for it.
+                runs = {"probabilities": model.decode, "image": model.decode_uint8}
+                calls = [runs[t.name](array, deadline=deadline) for t in wanted]
+                decoded = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
                 self.metrics.images_generated.inc(n)
                 produce = partial(v2_codec.decoder_outputs, decoded)
             else:

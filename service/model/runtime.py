@@ -91,7 +91,8 @@ class Runtime:
         decoder_outputs = [o.name for o in decoder.get_outputs()]
         self._latent_input = manifest.decoder.inputs[0].name
         self._logits_output = decoder_outputs[:1]
-        # The graph's uint8 images where the version has them (`_wanted` checked the name).
+        # The graph's uint8 images where the version has them (named as `graphs.wanted_tensors`
+        # checked).
         self._image_output = decoder_outputs[1:2] or None
         # The histogram children, resolved once: `labels()` costs a lock and a dict per run.
         seconds = metrics.inference_seconds if metrics is not None else None

@@ -2,7 +2,8 @@
 process): started pinned to their cores with their output in a log file, measured over the whole
 process tree (memory, CPU time), stopped with SIGTERM, then SIGKILL to whatever of the group is
 left after a timeout. The peers' launcher
-(bench/peers/run_peers.py, bench/v2_triton.py); `vae-serve` is one process: bench.servers."""
+(bench/peers/run_peers.py, bench/v2_triton.py); `vae-serve` (one process, or a supervisor and its
+workers, whose children it counts): bench.servers."""
 
 from __future__ import annotations
 

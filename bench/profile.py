@@ -1,10 +1,11 @@
 """Where the server's time goes under Sample load: py-spy samples of `vae-serve`, by part.
 
     .venv/bin/python -m bench.profile models/mnist-vae/1 --duration 10   # make bench-profile
+    .venv/bin/python -m bench.profile models/mnist-vae/2 --precision int8
 
 `vae-serve` runs pinned to `--server-cpus`; py-spy and the load (`vae_client.loadtest`) run on
 `--client-cpus`, so neither takes the server's core. For each load (Sample of 1 image at 32 in
-flight, Sample of 1024 at 8), py-spy records every thread of the server for `--duration` seconds,
+flight, of 64 and of 1024 at 8), py-spy records every thread of the server for `--duration` seconds,
 native frames included (ONNX Runtime, numpy, gRPC's C core and uvloop have no Python frame of
 their own). Samples of a waiting thread (epoll, a lock, the GIL) are set aside; each other sample
 goes to the first part of `PARTS` with a rule matching one of its frames. py-spy pauses the
@@ -39,7 +40,8 @@ from bench.servers import ServerProcess
 from vae_client.loadtest import LoadConfig, run_all
 
 RESULTS = Path(__file__).resolve().parent / "results"
-LOADS = {"sample-1": (1, 32), "sample-1024": (1024, 8)}  # name: (count, concurrency), uint8
+# name: (count, concurrency), uint8
+LOADS = {"sample-1": (1, 32), "sample-64": (64, 8), "sample-1024": (1024, 8)}
 RATE_HZ = 25
 # A sample is put in the first part (in this order of precedence) with a rule matching any frame
 # of its stack: so time in numpy under the servicer is numpy's, and gRPC's C code calling the
@@ -186,6 +188,7 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     return (
         f"py-spy {result['py_spy']} at {RATE_HZ} Hz, {result['duration_s']:g} s a load, "
+        f"{result.get('precision', 'fp32')} networks (commit {result['git_commit']}), "
         f"server on cpus {result['server_cpus']}, py-spy and the load on cpus "
         f"{result['client_cpus']} ({result['generated_at']}). Share of the samples of all the "
         f"server's threads:\n\n" + "\n".join(lines) + "\n\n" + "; ".join(figures) + ".\n"
@@ -201,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "profile.json")
     parser.add_argument("--stacks", type=Path, help="keep the collapsed stacks in this folder")
     parser.add_argument("--readme", type=Path, help="rewrite its profile block with the table")
+    parser.add_argument("--precision", default="fp32", help="the networks served (int8: a variant)")
     args = parser.parse_args(argv)
     spy = subprocess.run([py_spy(), "--version"], capture_output=True, text=True, check=True)
     model = model_flags(args.version_dir)
@@ -211,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         "duration_s": args.duration,
         "server_cpus": args.server_cpus,
         "client_cpus": args.client_cpus,
+        "precision": args.precision,
         "env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         "loads": {},
     }
@@ -219,7 +224,11 @@ def main(argv: list[str] | None = None) -> None:
         args.stacks.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
         server = ServerProcess.start_vae_serve(
-            "service", args.server_cpus, Path(tmp) / "service.log", dict(os.environ), model
+            "service",
+            args.server_cpus,
+            Path(tmp) / "service.log",
+            dict(os.environ),
+            [*model, f"--precision={args.precision}"],
         )
         try:
             for name, (count, concurrency) in LOADS.items():

@@ -100,6 +100,7 @@ def run_point(
         duration=args.duration,
         warmup=args.warmup,
         latent_size=latent_size,
+        connections=getattr(args, "connections", 1),  # more than one: a `--workers N` server
     )
     before = server.samples()
 

@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=3.0, help="measured seconds a point")
     parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds a point")
+    parser.add_argument("--connections", type=int, default=1, help="TCP connections a point")
     parser.add_argument("--server-cpus", default="0", help="taskset list for the servers")
     parser.add_argument("--client-cpus", default="1", help="taskset list for the load")
     parser.add_argument("--out", type=Path, help="also write the points and the table as JSON")

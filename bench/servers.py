@@ -218,9 +218,21 @@ class ServerProcess:
 
     # -- /proc --------------------------------------------------------------------------------
 
+    def process_ids(self) -> list[int]:
+        """Its pid, then its children's (the workers of `vae-serve --workers N`)."""
+        children = ""
+        with suppress(OSError):
+            children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
+        return [self.pid, *map(int, children.split())]
+
     def rss_bytes(self) -> int:
-        """Resident memory now; raises OSError once the process is gone."""
-        return int(Path(f"/proc/{self.pid}/statm").read_text().split()[1]) * PAGE_BYTES
+        """Resident memory now, its workers' included; raises OSError once the process is gone."""
+        pids = self.process_ids()
+        total = int(Path(f"/proc/{pids[0]}/statm").read_text().split()[1])
+        for pid in pids[1:]:
+            with suppress(OSError):
+                total += int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+        return total * PAGE_BYTES
 
     def rss_mb(self) -> float:
         """Resident memory now in MiB (0 once the process is gone)."""
@@ -229,11 +241,13 @@ class ServerProcess:
         return 0.0
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time so far, every thread included."""
-        with suppress(OSError, ValueError, IndexError):
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-        return 0.0
+        """User + system CPU time so far, every thread and every worker included."""
+        ticks = 0
+        for pid in self.process_ids():
+            with suppress(OSError, ValueError, IndexError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                ticks += int(fields[11]) + int(fields[12])
+        return ticks / CLOCK_TICKS
 
     def sample_rss(self, every_s: float = 0.25) -> None:
         """Record RSS (MiB) in `rss_samples_mb` every `every_s` until `stop_sampling()`."""

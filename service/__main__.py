@@ -2,7 +2,8 @@
 
 A model that is missing, tampered with or inconsistent, a provider that cannot run, or a port
 that is taken ends the process with exit code 1 and a one-line reason, not a traceback;
-invalid settings end it with exit code 2 and one line naming each.
+invalid settings end it with exit code 2 and one line naming each. `--workers N` runs N servers
+on the port under this process (`service.workers`).
 """
 
 from __future__ import annotations
@@ -14,19 +15,15 @@ import signal
 # process. Ignored meanwhile: the version being loaded is already the newest.
 signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
-import asyncio  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
-from collections.abc import Coroutine, Sequence  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
 from pydantic import ValidationError  # noqa: E402
 from pydantic_settings import CliApp, CliSettingsSource  # noqa: E402
 
-from export.manifest import ModelError  # noqa: E402
-from service import logs  # noqa: E402
-from service.model.sessions import ProviderError  # noqa: E402
-from service.server import StartupError, serve  # noqa: E402
+from service import logs, workers  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 log = logging.getLogger("vae-serve")
@@ -59,19 +56,6 @@ def settings_errors(error: ValidationError) -> str:
     return "; ".join(one(e) for e in error.errors())
 
 
-def run(main: Coroutine[Any, Any, None], event_loop: str) -> None:
-    """Run the server on uvloop (measured faster for gRPC calls) or asyncio's own loop."""
-    if event_loop == "uvloop":
-        try:
-            import uvloop
-        except ImportError:
-            log.warning("event_loop uvloop: uvloop is not installed; using asyncio's loop")
-        else:
-            uvloop.run(main)
-            return
-    asyncio.run(main)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = parse_settings(sys.argv[1:] if argv is None else argv)
@@ -80,12 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logs.configure(settings.log_level, settings.log_format)
     log.info("settings: %s", settings.model_dump_json())
-    try:
-        run(serve(settings), settings.event_loop)
-    except (ModelError, ProviderError, StartupError) as e:
-        log.error("cannot start: %s", e)
-        return 1
-    return 0
+    if settings.workers > 1:
+        return workers.supervise(settings)
+    return workers.run_server(settings)
 
 
 if __name__ == "__main__":

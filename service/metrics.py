@@ -3,6 +3,10 @@ their own HTTP port (`service.metrics_http`).
 
 Names follow the Prometheus conventions with a `vae_` prefix: counters end in `_total`, times
 are in seconds, and rate() of the image counters is throughput.
+
+Under `--workers N` each worker writes its metrics to files that the supervisor sums on one
+endpoint (prometheus_client's multiprocess mode, `service.workers`): the gauges are summed over
+the live workers, and `vae_model_info` has one series per worker (a `pid` label).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ NETWORKS = ("encoder", "decoder")
 # One batcher (queue) per network, and one per other decoder output a run asks for: uint8
 # images (the uint8 and PNG formats) and logits (Score).
 QUEUES = (*NETWORKS, "decoder_images", "decoder_logits")
+MODEL_LABELS = ("name", "version", "provider", "precision")
 # Rows (images or latents) per ONNX Runtime run: powers of two up to the largest batch.
 BATCH_ROWS_BUCKETS = tuple(float(2**k) for k in range(13))
 
@@ -41,7 +46,9 @@ BATCH_ROWS_BUCKETS = tuple(float(2**k) for k in range(13))
 class Metrics:
     """Every metric the service exports, registered on `registry`."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, worker: bool = False) -> None:
+        """`worker`: one of several processes whose metrics the supervisor sums (prometheus_client
+        must then have been imported with PROMETHEUS_MULTIPROC_DIR set)."""
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -61,6 +68,7 @@ class Metrics:
             "vae_requests_in_flight",
             "RPCs being handled right now, each until its reply has left (a reply a slow caller "
             "has not taken still counts).",
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.images_generated = Counter(
@@ -80,7 +88,19 @@ class Metrics:
         )
         for network in NETWORKS:
             self.inference_seconds.labels(network)  # exported as 0 before the first call
-        self.model = Info("vae_model", "The model being served.", registry=r)
+        # Info has no multiprocess mode: a worker's is a gauge, 1 (0: a version served before).
+        self._served: tuple[str, ...] | None = None
+        self.model: Info | Gauge = (
+            Gauge(
+                "vae_model_info",
+                "The model being served, one series per worker (1; 0: served before a reload).",
+                MODEL_LABELS,
+                multiprocess_mode="liveall",
+                registry=r,
+            )
+            if worker
+            else Info("vae_model", "The model being served.", registry=r)
+        )
         self.model_reloads = Counter(
             "vae_model_reloads",
             "Model reloads without a restart, by result (failure: the old version kept serving).",
@@ -99,6 +119,7 @@ class Metrics:
             "vae_pending_reply_bytes",
             "Bytes of serialized replies not yet taken by their callers "
             "(bounded by max_pending_reply_bytes).",
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.stalled_calls = Counter(
@@ -134,6 +155,7 @@ class Metrics:
             "vae_batch_queue_rows",
             "Rows queued and not yet in a run, by queue.",
             ["queue"],
+            multiprocess_mode="livesum",
             registry=r,
         )
         for queue in QUEUES:  # exported as 0 before the first run
@@ -152,14 +174,14 @@ class Metrics:
         )
 
     def set_model(self, name: str, version: int, providers: Sequence[str], precision: str) -> None:
-        self.model.info(
-            {
-                "name": name,
-                "version": str(version),
-                "provider": ",".join(providers),
-                "precision": precision,
-            }
-        )
+        served = (name, str(version), ",".join(providers), precision)
+        if isinstance(self.model, Info):
+            self.model.info(dict(zip(MODEL_LABELS, served, strict=True)))
+            return
+        if self._served is not None and self._served != served:
+            self.model.labels(*self._served).set(0)
+        self.model.labels(*served).set(1)
+        self._served = served
 
 
 class BatchMetrics:

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ from service.lifecycle import DaemonThreads, StartupError, drain_calls, stop_ser
 from service.metrics import Metrics
 from service.metrics_http import MetricsServer
 from service.model.holder import ModelHolder
+from service.model.runtime import ModelInfo
 from service.proto.inference.v2 import grpc_predict_v2_pb2 as v2_pb2
 from service.proto.inference.v2 import grpc_predict_v2_pb2_grpc as v2_pb2_grpc
 from service.proto.vae.v1 import vae_pb2, vae_pb2_grpc
@@ -47,12 +49,23 @@ def max_streams_per_connection(settings: Settings) -> int:
     return max(256, 2 * settings.max_in_flight)
 
 
-def server_options(settings: Settings) -> list[tuple[str, Any]]:
+@dataclass(frozen=True)
+class WorkerRole:
+    """What a worker of `vae-serve --workers N` does differently (`service.workers`): it shares
+    its ports with its siblings (SO_REUSEPORT), writes its metrics for the supervisor to sum, and
+    calls `ready` once it is SERVING."""
+
+    index: int
+    ready: Callable[[ModelInfo], None]
+
+
+def server_options(settings: Settings, share_port: bool = False) -> list[tuple[str, Any]]:
     options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
-        # Fail loudly if another process holds the port, instead of silently sharing it.
-        ("grpc.so_reuseport", 0),
+        # Fail loudly if another process holds the port, instead of silently sharing it; only
+        # the workers of one supervisor share it (which checked first that no one else had it).
+        ("grpc.so_reuseport", int(share_port)),
         # No flow-control window beyond HTTP/2's initial 64 KiB until the service reads a
         # request (then gRPC opens it for the whole message): with BDP probing on, a call the
         # server refuses unread could still push megabytes into its buffers first.
@@ -76,9 +89,11 @@ def create_server(
     health: HealthServicer,
     interceptor: grpc.aio.ServerInterceptor,
     v2_servicer: v2_pb2_grpc.GRPCInferenceServiceServicer | None = None,
+    share_port: bool = False,
 ) -> tuple[grpc.aio.Server, int]:
     """A bound, not yet started server, and the port it bound (settings.port 0 picks one)."""
-    server = grpc.aio.server(interceptors=[interceptor], options=server_options(settings))
+    options = server_options(settings, share_port)
+    server = grpc.aio.server(interceptors=[interceptor], options=options)
     vae_pb2_grpc.add_VaeServiceServicer_to_server(servicer, server)
     names = [SERVICE_NAME, HEALTH_SERVICE_NAME]
     if v2_servicer is not None:
@@ -98,11 +113,13 @@ def create_server(
     return server, port
 
 
-def create_health_server(settings: Settings, health: HealthServicer) -> tuple[grpc.aio.Server, int]:
+def create_health_server(
+    settings: Settings, health: HealthServicer, share_port: bool = False
+) -> tuple[grpc.aio.Server, int]:
     """A plaintext server of grpc.health.v1 alone on settings.health_port, sharing `health`
     with the main server: for kubelet gRPC probes, which cannot speak TLS, when the main port
     does. It tells nothing but SERVING or NOT_SERVING."""
-    options = [("grpc.so_reuseport", 0), ("grpc.max_concurrent_streams", 256)]
+    options = [("grpc.so_reuseport", int(share_port)), ("grpc.max_concurrent_streams", 256)]
     server = grpc.aio.server(options=options)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = f"{settings.host}:{settings.health_port}"
@@ -138,15 +155,19 @@ class Service:
 
     @classmethod
     async def start(
-        cls, settings: Settings, reload_requested: asyncio.Event | None = None
+        cls,
+        settings: Settings,
+        reload_requested: asyncio.Event | None = None,
+        worker: WorkerRole | None = None,
     ) -> Service:
         """Load and verify the model (ModelError / ProviderError before any port is bound),
         start the server NOT_SERVING, warm up, then report SERVING. Then reload the model when
         `reload_requested` is set (SIGHUP) or a new version appears (settings.reload_interval).
         If a step fails (a port taken, warm-up), what had started is stopped and the model
-        closed before the error is raised."""
+        closed before the error is raised. `worker`: one of `--workers N` (`service.workers`)."""
         began = time.perf_counter()
-        metrics = Metrics()
+        shared = worker is not None
+        metrics = Metrics(worker=shared)
         models = ModelHolder(settings, metrics)
         info = models.open()
         health = HealthServicer()
@@ -171,10 +192,12 @@ class Service:
         )
         async with contextlib.AsyncExitStack() as undo:  # what a failed start takes down again
             undo.push_async_callback(models.close)
-            server, port = create_server(settings, servicer, health, interceptor, v2_servicer)
+            server, port = create_server(
+                settings, servicer, health, interceptor, v2_servicer, share_port=shared
+            )
             health_server, health_port = None, None
             if settings.health_port >= 0:
-                health_server, health_port = create_health_server(settings, health)
+                health_server, health_port = create_health_server(settings, health, shared)
             metrics_server, metrics_port = None, None
             if settings.metrics_port >= 0:
                 metrics_server = MetricsServer(metrics.registry)
@@ -198,14 +221,17 @@ class Service:
             undo.pop_all()  # started: from here `stop` takes it all down
         ready.set()
         await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
+        metrics_at = "off" if metrics_port is None else f"port {metrics_port}"
         log.info(
             "SERVING %s version %d on port %d (metrics: %s) after %.2f s",
             info.name,
             info.version,
             port,
-            f"port {metrics_port}" if metrics_port is not None else "off",
+            "the supervisor's" if shared else metrics_at,
             time.perf_counter() - began,
         )
+        if worker is not None:
+            worker.ready(info)
         watcher = None
         if settings.reload_interval > 0 or reload_requested is not None:
             watcher = asyncio.create_task(
@@ -260,7 +286,7 @@ class Service:
         log.info("stopped")
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully; SIGHUP reloads the model."""
     stopping = asyncio.Event()
     reload_requested = asyncio.Event()
@@ -269,6 +295,6 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):  # a signal during start-up stops right after it
         loop.add_signal_handler(sig, stopping.set)
     loop.add_signal_handler(signal.SIGHUP, reload_requested.set)  # acted on once started
-    service = await Service.start(settings, reload_requested)
+    service = await Service.start(settings, reload_requested, worker)
     await stopping.wait()
     await service.stop()

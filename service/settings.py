@@ -77,10 +77,15 @@ class Settings(BaseSettings):
     precision: Literal["fp32", "int8", "fp16"] = "fp32"
     """Which of the version's networks to serve: the parity-checked fp32 ones, or a variant the
     manifest lists (int8 for CPUs, fp16 for CUDA); a version without it is refused."""
+    workers: int = Field(default=1, ge=1)
+    """Server processes sharing the gRPC port (SO_REUSEPORT), each with its own event loop, model
+    and limits (max_in_flight and the queues are per worker), under one supervisor that serves
+    /metrics for them all: for a pod with more than one core (service/workers.py)."""
     intra_op_threads: int = Field(default=1, ge=1)
     """ONNX Runtime threads per inference run (1: parallelism comes from inference_workers)."""
     inference_workers: int = Field(default_factory=usable_cpus, ge=1)
-    """Threads running inference off the event loop; defaults to the CPUs this process may use."""
+    """Threads running inference off the event loop; defaults to the CPUs this process may use
+    (divided among the workers)."""
 
     max_items_per_request: int = Field(default=4096, ge=1)
     """Largest count / batch N one request may ask for."""

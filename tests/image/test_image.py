@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.servers import free_port
+from bench.servers import free_port, scrape
 from service.proto.vae.v1 import vae_pb2_grpc
 from tests.image.container import REPO, SERVICE, STOP_TIMEOUT, Container, podman
 from vae_client.client import VaeClient, channel_options, sample_request
@@ -103,6 +103,29 @@ def test_the_baked_image_serves_read_only_as_a_non_root_user(
         memory_after_20_sample_1024=server_memory(container),
         podman=podman("--version").stdout.strip(),
     )
+
+
+def test_two_workers_serve_from_the_read_only_image_and_stop_on_sigterm(
+    images: tuple[str, str], run_container: RunContainer
+) -> None:
+    """`VAE_WORKERS=2` as the supervisor's PID 1 in the container: its metric files go to the
+    /tmp tmpfs (the root is read-only), the metrics are the workers' sums, and `podman stop`
+    drains both."""
+    baked, _ = images
+    container = run_container(baked, "--env", "VAE_WORKERS=2").wait_serving()
+    deadline = time.monotonic() + 60
+    while "with 2 workers" not in container.logs() and time.monotonic() < deadline:
+        time.sleep(0.2)  # health answered from one worker; the supervisor says when both are up
+    exercise(container)
+    samples = scrape(f"http://127.0.0.1:{container.metrics_port}/metrics")
+    workers = {dict(labels)["pid"] for name, labels in samples if name == "vae_model_info"}
+    assert len(workers) == 2, samples
+    code, _ = container.stop()
+    assert code == 0, container.logs()[-2000:]
+    records = json_log_records(container)
+    assert {r.get("worker") for r in records} == {None, 0, 1}
+    assert not [r for r in records if r["level"] in ("ERROR", "CRITICAL")]
+    assert any(r["message"] == "stopped 2 workers" for r in records)
 
 
 def test_a_freshly_exported_repository_serves_mounted_read_only(

@@ -53,9 +53,7 @@ def settings_errors(error: ValidationError) -> str:
         where, what = ".".join(map(str, e["loc"])), e["msg"].removeprefix("Value error, ")
         return f"{where}: {what}" if where else str(what)
 
-    # A default computed from other settings is not computed when one of them is wrong.
-    real = [e for e in error.errors() if e["type"] != "default_factory_not_called"]
-    return "; ".join(one(e) for e in real)
+    return "; ".join(one(e) for e in error.errors())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

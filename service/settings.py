@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -43,19 +43,6 @@ def usable_cpus() -> int:
     if limit is not None:
         count = min(count, max(1, int(limit)))
     return max(1, count)
-
-
-INLINE_MAX_ROWS = 16
-
-
-def default_inline_max_rows(data: dict[str, Any]) -> int:
-    """INLINE_MAX_ROWS, or every run (max_batch_size) where the server has one CPU: there a hop
-    to a thread buys no parallelism, only its cost (on one core, inline runs answered 1.13x the
-    int8 Sample(64) calls at 8 in flight and 1.02x the Sample(1024); bench/results/
-    inline_one_cpu_count*.json)."""
-    if usable_cpus() // int(data.get("workers", 1)) <= 1:
-        return int(data.get("max_batch_size", 1024))
-    return INLINE_MAX_ROWS
 
 
 class Settings(BaseSettings):
@@ -122,10 +109,11 @@ class Settings(BaseSettings):
     """Most rows queued for one network before new requests get RESOURCE_EXHAUSTED; at least
     max_items_per_request. The default, max_in_flight x max_batch_size, lets the in-flight
     limit bind first for requests of up to a batch."""
-    inline_max_rows: int = Field(default_factory=default_inline_max_rows, ge=0)
+    inline_max_rows: int = Field(default=16, ge=0)
     """Runs of at most this many rows run on the event loop instead of a worker thread
-    (0: never); a small run costs less than the hop to a thread and back. Default 16, and
-    every run (max_batch_size) where a server has one CPU (per worker)."""
+    (0: never); a small run costs less than the hop to a thread and back. Larger runs stay on
+    the threads even on one CPU: the batcher merges the calls that arrive meanwhile (inline, a
+    64-row call always ran alone: bench/results/inline_one_cpu_count*.json)."""
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     """The asyncio event loop implementation (uvloop: faster gRPC calls)."""
 

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from service.__main__ import main, parse_settings
-from service.settings import Settings, cgroup_cpu_limit, usable_cpus
+from service.settings import Settings, cgroup_cpu_limit
 
 
 def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -56,30 +53,3 @@ def test_message_size_must_fit_the_largest_request() -> None:
     with pytest.raises(ValidationError, match="max_message_bytes"):
         Settings(max_items_per_request=8192)  # 25.7 MB of float32 images > 16 MiB
     assert Settings(max_items_per_request=8192, max_message_bytes=32 * 2**20).max_items_per_request
-
-
-def inline_default(cpus: set[int], *flags: str) -> int:
-    """inline_max_rows as a process pinned to `cpus` resolves it from `flags`."""
-    script = (
-        "import os, sys\n"
-        f"os.sched_setaffinity(0, {sorted(cpus)!r})\n"
-        "from service.__main__ import parse_settings\n"
-        "print(parse_settings(sys.argv[1:]).inline_max_rows)\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script, *flags], capture_output=True, text=True, check=True
-    )
-    return int(done.stdout)
-
-
-def test_a_server_with_one_cpu_runs_every_batch_inline() -> None:
-    """Where a hop to a thread buys no parallelism, the default skips it (an explicit value
-    stays); with two CPUs or more, 16 rows."""
-    one = {min(os.sched_getaffinity(0))}
-    assert inline_default(one) == 1024
-    assert inline_default(one, "--max-batch-size=256") == 256
-    assert inline_default(one, "--inline-max-rows=8") == 8
-    two = set(sorted(os.sched_getaffinity(0))[:2])
-    if len(two) == 2 and usable_cpus() >= 2:
-        assert inline_default(two) == 16
-        assert inline_default(two, "--workers=2") == 1024  # one CPU each

@@ -40,6 +40,8 @@ from bench.servers import ServerProcess
 def code_at(commit: str, scratch: Path) -> Path:
     """This repository's files at `commit`, in a folder of `scratch`."""
     folder = scratch / f"code-{commit}"
+    if folder.exists():  # another configuration at the same commit
+        return folder
     folder.mkdir()
     archive = subprocess.run(["git", "archive", commit], capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)

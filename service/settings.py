@@ -102,7 +102,7 @@ class Settings(BaseSettings):
     """Seconds every run waits for more rows after the oldest queued one arrived, even on an
     idle server; 0 (the default) uses adaptive_queue_delay instead."""
     adaptive_queue_delay: float = Field(default=0.002, ge=0)
-    """Most seconds a batch of fewer than 64 rows waits for more while the server is busy with
+    """Most seconds a batch of fewer than 512 rows waits for more while the server is busy with
     other calls (service/batching/hold.py); a lone caller never waits. 0: never wait (batches
     still form from rows that queue while the runs are busy)."""
     max_queue_rows: int = Field(default=65536, ge=1)

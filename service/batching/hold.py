@@ -37,9 +37,13 @@ PROBE_EVERY = 256
 PROBE_DELAY = 0.00025
 # Holding goes on while holds gather at least this many requests on average (over the last few).
 HOLD_MIN_REQUESTS = 2.5
-# Only batches of fewer rows wait: in a larger one the run's fixed cost (about 3 rows' worth)
-# no longer shows, and waiting would idle the inference workers that bound such loads.
-HOLD_ROWS = 64
+# Only batches of fewer rows wait. A run costs a fixed ~50 us of CPU (the batcher, the hop to a
+# thread and back, ONNX Runtime's call): 10 rows' worth of the fp32 decoder, 20 of the int8
+# one, so 64-row calls still pay it visibly. At 512, int8 Sample(64) answered 1.33x the calls
+# at 8 in flight and 1.39x at 32 (rows a run 71 -> 417 and 551), p99 lower; fp32 0.99 to 1.03
+# (it merged already: its runs last long enough for calls to queue), within the noise on two
+# cores (bench/results/hold_rows_ab_count64*.json).
+HOLD_ROWS = 512
 
 
 class Holding:

@@ -40,9 +40,9 @@ HOLD_MIN_REQUESTS = 2.5
 # Only batches of fewer rows wait. A run costs a fixed ~50 us of CPU (the batcher, the hop to a
 # thread and back, ONNX Runtime's call): 10 rows' worth of the fp32 decoder, 20 of the int8
 # one, so 64-row calls still pay it visibly. At 512, int8 Sample(64) answered 1.33x the calls
-# at 8 in flight and 1.39x at 32 (rows a run 71 -> 417 and 551), p99 lower; fp32 0.99 to 1.03
-# (it merged already: its runs last long enough for calls to queue), within the noise on two
-# cores (bench/results/hold_rows_ab_count64*.json).
+# at 8 in flight and 1.39x at 32 (rows a run 71 -> 417 and 551), p99 lower; fp32 1.03 to 1.05
+# (its runs last long enough for calls to queue and merge anyway); within the noise on two
+# cores (bench/results/hold_rows_ab_*.json).
 HOLD_ROWS = 512
 
 

@@ -139,7 +139,7 @@ def test_the_performance_prose_quotes_bench_json(prose: str, bench: dict[str, An
     quoted(
         prose,
         f"Sample(64): {mid['measured']:.2f} of ONNX Runtime at batch 64** (goal "
-        f"{mid['target']:g}, met)",
+        f"{mid['target']:g}, {'met' if mid['met'] else 'not met'}",
     )
     on_off = {f"{on['label']} x{on['concurrency']}": (on, off) for on, off in batching_pairs(bench)}
     ratio = {k: on["images_per_s"] / off["images_per_s"] for k, (on, off) in on_off.items()}
@@ -201,15 +201,17 @@ def test_the_peers_prose_quotes_the_run_on_file(prose: str, bench: dict[str, Any
         if p["server"] == "noop" and p["count"] == 1 and p["concurrency"] >= 8
     ]
     assert pipeline64 is not None and 2 * t64["images_per_s"] < pipeline64
-    assert 2 * t1["requests_per_s"] < min(noop)  # "below the no-op server"
+    twice = 2 * t1["requests_per_s"]
+    where = (
+        "below" if twice < min(noop) else "above" if twice > max(noop) else "within the range of"
+    )
     quoted(
         prose,
         f"twice Triton's {t64['images_per_s']:,.0f} images/s is {2 * t64['images_per_s']:,.0f}; "
         f"the in-process Sample pipeline runs {pipeline64:,.0f} at batch 64",
         f"the int8 service serves {int8_64:,.0f} at that point",
-        f"twice Triton's {t1['requests_per_s']:,.0f} is {2 * t1['requests_per_s']:,.0f} "
-        f"requests/s, below the no-op Python gRPC server ({min(noop):,.0f} to {max(noop):,.0f} "
-        "at 8 or more in flight)",
+        f"twice Triton's {t1['requests_per_s']:,.0f} is {twice:,.0f} requests/s, {where} the "
+        f"no-op Python gRPC server ({min(noop):,.0f} to {max(noop):,.0f} at 8 or more in flight)",
     )
 
 
@@ -273,10 +275,12 @@ def test_the_default_model_figures_are_its_results_file(prose: str) -> None:
     assert t["settings"]["threads"] == 1
 
 
-def test_no_prose_figure_outlives_its_file(prose: str) -> None:
-    """Figures the README once quoted without a results file behind them stay out."""
+def test_no_prose_figure_outlives_its_file(readme: str) -> None:
+    """Figures the README once quoted without a results file behind them stay out of its prose
+    (a generated table may meet one of them by chance)."""
+    words = re.sub(r"<!-- (\w+):begin -->.*?<!-- \1:end -->", "", readme, flags=re.S)
     for gone in ("1,772", "3,041", "0.90 in a morning", "72,108", "3,559", "71,380", "9,255"):
-        assert gone not in prose, gone
+        assert gone not in words, gone
 
 
 def test_deploy_readme_memory_figures_are_the_results_files() -> None:

@@ -90,23 +90,24 @@ def run_server(settings: Settings, worker: WorkerRole | None = None) -> int:
 # -- the supervisor -----------------------------------------------------------------------------
 
 
-def claim_port(host: str, port: int, what: str) -> int:
+def claim_port(host: str, port: int, what: str, hold: contextlib.ExitStack) -> int:
     """`port` (0: a free one) once no other process listens on it: the workers bind it with
     SO_REUSEPORT, which would otherwise share it silently with another server of this user.
-    (Between this check and the workers' bind, another such server could still take it.)"""
+    The probe stays bound until `hold` closes (so two claims of port 0 differ); between then
+    and the workers' bind, another such server could still take the port."""
     name = host.strip("[]")
     candidates = [name] + (["0.0.0.0"] if name == "::" else [])  # a host without IPv6
     error: OSError | None = None
     for candidate in candidates:
         family = socket.AF_INET6 if ":" in candidate else socket.AF_INET
         try:
-            with socket.socket(family, socket.SOCK_STREAM) as probe:
-                # As gRPC does: a port whose old connections linger in TIME_WAIT is free.
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6 and candidate == "::":
-                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-                probe.bind((candidate, port))
-                return int(probe.getsockname()[1])
+            probe = hold.enter_context(socket.socket(family, socket.SOCK_STREAM))
+            # As gRPC does: a port whose old connections linger in TIME_WAIT is free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and candidate == "::":
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            probe.bind((candidate, port))
+            return int(probe.getsockname()[1])
         except OSError as e:
             error = error or e
     raise StartupError(f"cannot listen on {host}:{port} ({what}): {error}")
@@ -115,13 +116,16 @@ def claim_port(host: str, port: int, what: str) -> int:
 def worker_settings(settings: Settings) -> Settings:
     """What every worker runs: the ports claimed, no metrics port of its own (the supervisor
     serves them), and the inference threads divided among the workers unless set."""
-    update: dict[str, Any] = {
-        "workers": 1,
-        "port": claim_port(settings.host, settings.port, "port"),
-        "metrics_port": -1,
-    }
-    if settings.health_port >= 0:
-        update["health_port"] = claim_port(settings.host, settings.health_port, "health_port")
+    with contextlib.ExitStack() as hold:
+        update: dict[str, Any] = {
+            "workers": 1,
+            "port": claim_port(settings.host, settings.port, "port", hold),
+            "metrics_port": -1,
+        }
+        if settings.health_port >= 0:
+            update["health_port"] = claim_port(
+                settings.host, settings.health_port, "health_port", hold
+            )
     if "inference_workers" not in settings.model_fields_set:
         update["inference_workers"] = max(1, settings.inference_workers // settings.workers)
     return settings.model_copy(update=update)
@@ -129,6 +133,8 @@ def worker_settings(settings: Settings) -> Settings:
 
 @dataclass
 class Worker:
+    """One worker process, as the supervisor sees it."""
+
     index: int
     process: asyncio.subprocess.Process
     ready: asyncio.StreamReader  # the worker's JSON line once SERVING; EOF if it exits first

@@ -25,6 +25,7 @@ from contextlib import suppress
 from pathlib import Path
 from types import TracebackType
 
+from bench import process_group
 from bench.placement import free_port, pinned, vae_serve_command
 from bench.scrape import Samples, health_serving, scrape, total
 
@@ -36,7 +37,6 @@ START_TIMEOUT = 120.0  # seconds; generous: the machine is shared
 STOP_TIMEOUT = 30.0
 # The allocator settings the Makefile and the image use for large replies.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "134217728"}
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 MB = 1024 * 1024
 
@@ -219,11 +219,8 @@ class ServerProcess:
     # -- /proc --------------------------------------------------------------------------------
 
     def process_ids(self) -> list[int]:
-        """Its pid, then its children's (the workers of `vae-serve --workers N`)."""
-        children = ""
-        with suppress(OSError):
-            children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
-        return [self.pid, *map(int, children.split())]
+        """Its pid, then its descendants' (the workers of `vae-serve --workers N`)."""
+        return process_group.tree(self.pid)
 
     def rss_bytes(self) -> int:
         """Resident memory now, its workers' included; raises OSError once the process is gone."""
@@ -242,12 +239,7 @@ class ServerProcess:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time so far, every thread and every worker included."""
-        ticks = 0
-        for pid in self.process_ids():
-            with suppress(OSError, ValueError, IndexError):
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                ticks += int(fields[11]) + int(fields[12])
-        return ticks / CLOCK_TICKS
+        return process_group.cpu_seconds(self.pid)
 
     def sample_rss(self, every_s: float = 0.25) -> None:
         """Record RSS (MiB) in `rss_samples_mb` every `every_s` until `stop_sampling()`."""
